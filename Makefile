@@ -1,0 +1,41 @@
+# The README's commands. Each creates .venv (with the tested pins) when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+## The main job: sft -> reward -> ppo -> evaluate on the embedded default (tiny model, review task).
+demo: $(STAMP)
+	$(BIN)/rlhf
+
+## Lint, format check and the whole test suite (slow end-to-end tests included).
+test: $(STAMP) lint
+	$(BIN)/pytest -q
+
+## The suite without the few slow end-to-end runs.
+test-fast: $(STAMP) lint
+	$(BIN)/pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/env_steps.py
+	$(BIN)/python benchmarks/sft_reward.py
+	$(BIN)/python benchmarks/ppo.py
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,237 @@
+"""Dataclass schemas for every config group, registered in Hydra's ConfigStore.
+
+These dataclasses are the only schema: YAML files under `conf/` select groups and set values.
+Each field is documented once, in the docstring line under it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+STAGES = ("sft", "reward", "ppo", "evaluate")
+
+
+@dataclass
+class TaskConfig:
+    env_id: str = MISSING
+    """Gymnasium id of the environment: `rlhf/Review-v0`, or a user's `my_pkg.module:MyEnv-v0`."""
+    num_demonstrations: int = 2000
+    """SFT demonstrations drawn from the environment's offline data (when `sft.dataset` is unset)."""
+    num_preferences: int = 2000
+    """Preference pairs drawn from the environment's offline data (when `reward.dataset` is unset)."""
+    eval_fraction: float = 0.1
+    """Fraction of the SFT and preference data held out for evaluation."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0
+    """LoRA rank; 0 trains all weights."""
+    alpha: int = 16
+    """LoRA scaling numerator (`lora_alpha`)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names that get adapters."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None
+    """Hub id or local directory of a causal LM and its tokenizer; unset builds a tiny model from config."""
+    hidden_size: int = 64
+    """Tiny model: width."""
+    num_layers: int = 2
+    """Tiny model: transformer blocks."""
+    num_heads: int = 4
+    """Tiny model: attention heads."""
+    intermediate_size: int = 256
+    """Tiny model: MLP width."""
+    max_position_embeddings: int = 256
+    """Tiny model: longest sequence in tokens."""
+    dtype: str = "float32"
+    """Weights' dtype for training: float32 | bfloat16 | float16."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Parameter-efficient fine-tuning; off when `lora.r=0`."""
+
+
+@dataclass
+class SFTConfig:
+    dataset: str | None = None
+    """Local jsonl/parquet/csv file or hub dataset name in TRL's formats; unset uses the task's demonstrations."""
+    learning_rate: float = 1e-3
+    """Peak learning rate (AdamW, linear decay)."""
+    num_train_epochs: float = 3.0
+    """Passes over the training data."""
+    per_device_train_batch_size: int = 32
+    """Sequences per device per optimizer step."""
+    max_length: int = 128
+    """Longest training sequence in tokens."""
+    logging_steps: int = 10
+    """Optimizer steps between logged lines."""
+
+
+@dataclass
+class RewardConfig:
+    dataset: str | None = None
+    """Preference dataset (prompt/chosen/rejected) path or hub name; unset uses the task's pairs."""
+    init_from: str | None = None
+    """Backbone to start from: a model directory; unset uses the SFT stage's output."""
+    learning_rate: float = 5e-4
+    """Peak learning rate (AdamW, linear decay)."""
+    num_train_epochs: float = 3.0
+    """Passes over the training pairs."""
+    per_device_train_batch_size: int = 32
+    """Pairs per device per optimizer step."""
+    max_length: int = 128
+    """Longest sequence (prompt + response) in tokens."""
+    logging_steps: int = 10
+    """Optimizer steps between logged lines."""
+
+
+@dataclass
+class PPOConfig:
+    policy_path: str | None = None
+    """Policy (and frozen reference) to start from; unset uses the SFT stage's output."""
+    reward_model_path: str | None = None
+    """Reward model for `reward_source=model|both`; unset uses the reward stage's output."""
+    critic_init: str = "reward"
+    """Critic initialisation: reward (the reward model) | sft (the policy's backbone)."""
+    reward_source: str = "model"
+    """Score of an episode: env (environment reward) | model (reward model) | both (weighted sum)."""
+    env_reward_weight: float = 1.0
+    """Weight of the environment's reward when `reward_source=both`."""
+    model_reward_weight: float = 1.0
+    """Weight of the reward model's score when `reward_source=both`."""
+    advantage: str = "gae"
+    """Advantage estimator: gae (critic) | grpo | rloo (group baselines, no critic)."""
+    num_generations: int = 4
+    """Samples per prompt for grpo/rloo."""
+    total_episodes: int = 4096
+    """Episodes to train on in all."""
+    batch_size: int = 64
+    """Episodes per PPO update (global, across processes)."""
+    response_length: int = 16
+    """Most tokens the policy may generate in one turn."""
+    num_ppo_epochs: int = 4
+    """Passes over each batch."""
+    num_mini_batches: int = 4
+    """Minibatches per pass."""
+    learning_rate: float = 1e-4
+    """Policy and critic learning rate (AdamW, linear decay)."""
+    kl_coef: float = 0.05
+    """Initial coefficient of the per-token KL penalty to the reference."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the reward: k1 | k2 | k3."""
+    adaptive_kl: bool = False
+    """Adapt `kl_coef` towards `kl_target` (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target KL per episode for the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (episodes) of the adaptive controller."""
+    target_kl: float | None = None
+    """Stop an update's epochs early when approx KL to the rollout policy exceeds this."""
+    cliprange: float = 0.2
+    """Policy ratio clip."""
+    cliprange_value: float = 0.2
+    """Value clip around the rollout values."""
+    vf_coef: float = 0.1
+    """Value loss weight."""
+    ent_coef: float = 0.0
+    """Entropy bonus weight."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards before GAE."""
+    normalize_scores: bool = False
+    """Normalise episode scores with a running mean and std."""
+    temperature: float = 1.0
+    """Sampling temperature during rollouts."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a turn that ends without the stop token."""
+    stop_token: str | None = "eos"
+    """Token that ends a turn: eos (the tokenizer's EOS) | null (only the length limit)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    save_every: int = 0
+    """Updates between checkpoints; 0 only at the end."""
+    resume: bool = True
+    """Resume from the last checkpoint in the stage directory when there is one."""
+    log_every: int = 1
+    """Updates between logged metric lines."""
+    samples_every: int = 10
+    """Updates between sample tables."""
+
+
+@dataclass
+class EvaluateConfig:
+    num_prompts: int = 256
+    """Held-out prompts (environment episodes) per policy."""
+    batch_size: int = 64
+    """Episodes generated at once."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 is greedy."""
+    num_samples: int = 16
+    """Rows in the samples table."""
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"
+    """wandb | none."""
+    mode: str = "offline"
+    """W&B mode: offline (no network, no account) | online | disabled."""
+    project: str = "rlhf"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); unset uses the account's default."""
+    group: str | None = None
+    """W&B group; unset uses the pipeline run (or the sweep) name."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags on every stage's run."""
+    log_artifacts: bool = True
+    """Log each stage's output directory as a W&B artifact."""
+
+
+@dataclass
+class RLHFConfig:
+    task: TaskConfig = MISSING
+    """The environment and its offline data."""
+    model: ModelConfig = MISSING
+    """The base model every stage starts from."""
+    sft: SFTConfig = MISSING
+    """Supervised warm start."""
+    reward: RewardConfig = MISSING
+    """Reward model on preference pairs."""
+    ppo: PPOConfig = MISSING
+    """PPO against the environment."""
+    evaluate: EvaluateConfig = MISSING
+    """Gold and proxy reward, KL and samples of the SFT and PPO policies."""
+    logger: LoggerConfig = MISSING
+    """Experiment tracking."""
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    """Stages to run, in pipeline order: any of sft, reward, ppo, evaluate."""
+    seed: int = 0
+    """Root seed; every stage derives its own from it."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu) | cpu | cuda."""
+
+
+def register_configs() -> None:
+    """Register the schemas so YAML files validate against them (unknown keys and wrong types fail)."""
+    cs = ConfigStore.instance()
+    cs.store(name="rlhf_schema", node=RLHFConfig)
+    for group, node in [
+        ("task", TaskConfig),
+        ("model", ModelConfig),
+        ("sft", SFTConfig),
+        ("reward", RewardConfig),
+        ("ppo", PPOConfig),
+        ("evaluate", EvaluateConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
