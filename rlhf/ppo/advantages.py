@@ -1,0 +1,117 @@
+"""Advantage estimators: GAE over action tokens (with a critic) and group baselines (GRPO, RLOO; no critic).
+
+Pure tensor functions; mask convention as in ``rlhf.ppo.ops`` (bool or 0/1, nonzero = selected).
+"""
+
+from __future__ import annotations
+
+import torch
+
+GROUP_METHODS = ("grpo", "rloo")
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over the action tokens of each sequence.
+
+    rewards, values, mask: (B, T) -> advantages (B, T), returns (B, T).
+
+    ``mask`` is 1 on the policy's action (response) tokens and 0 on padding and, in multi-turn episodes, on the
+    environment-message tokens between the policy's turns. Time steps are the action tokens only: the recursion
+    bridges over masked positions, so for an action token t the next value is the value at the next action
+    token of the same row (gamma and lam apply once per action token, however many environment tokens lie in
+    between), and 0 after the row's last action token (the episode ends there: no bootstrap).
+
+        delta_t = r_t + gamma * V(next(t)) - V(t)
+        A_t     = delta_t + gamma * lam * A(next(t))
+
+    Rewards must be 0 on masked positions (put an environment reward on the last action token of the turn
+    that earned it; a sparse sequence score on the last action token; per-token KL penalties on every action
+    token). ``values`` on masked positions are ignored (may be anything, even NaN).
+    Returns: advantages, and returns = advantages + values, both on action tokens and exactly 0 elsewhere;
+    detached (they are targets; no gradient flows into the critic or the policy through them).
+    Not whitened: whiten the advantages afterwards with ``masked_whiten`` if wanted.
+    """
+    if not (rewards.shape == values.shape == mask.shape) or rewards.dim() != 2:
+        raise ValueError(
+            f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask {tuple(mask.shape)} "
+            "must all be (B, T)"
+        )
+    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
+        raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
+    m = mask if mask.dtype == torch.bool else mask != 0  # (B, T)
+    dtype = torch.promote_types(rewards.dtype, values.dtype)
+    r = rewards.detach().to(dtype)  # (B, T)
+    assert not torch.any(r[~m] != 0), "gae: nonzero reward on a masked (non-action) position"
+    zero = torch.zeros((), dtype=dtype, device=r.device)
+    v = torch.where(m, values.detach().to(dtype), zero)  # (B, T); garbage on masked positions dropped
+
+    B, T = r.shape
+    advantages = torch.zeros_like(r)  # (B, T)
+    next_value = torch.zeros(B, dtype=dtype, device=r.device)  # (B,) value at the next action token
+    next_adv = torch.zeros(B, dtype=dtype, device=r.device)  # (B,) advantage at the next action token
+    for t in reversed(range(T)):
+        m_t = m[:, t]  # (B,)
+        delta = r[:, t] + gamma * next_value - v[:, t]  # (B,)
+        adv_t = delta + gamma * lam * next_adv  # (B,)
+        advantages[:, t] = torch.where(m_t, adv_t, zero)
+        # masked positions are not time steps: carry the next action token's value and advantage over them
+        next_value = torch.where(m_t, v[:, t], next_value)
+        next_adv = torch.where(m_t, adv_t, next_adv)
+    returns = torch.where(m, advantages + v, zero)  # (B, T)
+    return advantages, returns
+
+
+def group_advantages(
+    scores: torch.Tensor,
+    group_size: int,
+    method: str = "grpo",
+    scale_std: bool = True,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Critic-free advantages from a group of samples per prompt: one scalar per sequence.
+
+    scores: (N,) with N = num_prompts * group_size, each prompt's samples adjacent
+    (``[p0 s0, p0 s1, ..., p0 s{G-1}, p1 s0, ...]``, i.e. ``repeat_interleave`` order) -> (N,), detached.
+
+    - ``"grpo"`` (Shao et al. 2024): score - group mean, divided by (group std + eps) when ``scale_std``
+      (unbiased std, as TRL's GRPOTrainer; a group of equal scores gives 0, not NaN).
+    - ``"rloo"`` (Ahmadian et al. 2024): score - mean of the *other* G - 1 scores of its group
+      (= G / (G - 1) * (score - group mean)). ``scale_std`` does not apply to RLOO and is ignored.
+
+    The trainer broadcasts the result over the sequence's action tokens (as in TRL's GRPO).
+    Raises ValueError unless scores is 1-D, group_size >= 2 (one sample has no baseline) and N is a
+    multiple of group_size.
+    """
+    if method not in GROUP_METHODS:
+        raise ValueError(f"group advantage method must be one of {GROUP_METHODS}, got {method!r}")
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D (N,), got shape {tuple(scores.shape)}")
+    if group_size < 2:
+        raise ValueError(
+            f"{method} needs group_size (ppo.num_generations) >= 2 samples per prompt, got {group_size}"
+        )
+    n = scores.shape[0]
+    if n % group_size != 0:
+        raise ValueError(
+            f"number of scores {n} is not a multiple of group_size {group_size}: "
+            "the batch must hold whole groups (num_prompts * group_size samples)"
+        )
+    s = scores.detach()
+    if not s.is_floating_point():
+        s = s.float()
+    grouped = s.view(-1, group_size)  # (P, G)
+    mean = grouped.mean(dim=1, keepdim=True)  # (P, 1)
+    if method == "grpo":
+        adv = grouped - mean  # (P, G)
+        if scale_std:
+            adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
+    else:
+        others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # (P, G)
+        adv = grouped - others_mean
+    return adv.reshape(n)

@@ -1,0 +1,95 @@
+"""PPO's clipped policy and value losses (Schulman et al. 2017), averaged over the masked tokens.
+
+Pure tensor functions; mask convention as in ``rlhf.ppo.ops``. Masked positions contribute nothing to the
+loss nor to its gradient, even where their inputs are garbage (NaN/inf on padding): inputs are replaced
+before any nonlinearity, not multiplied by the mask afterwards.
+Stats are detached 0-dim tensors (gather/average them across processes before ``.item()``).
+The entropy bonus is ``ops.entropy_from_logits`` + ``ops.masked_mean``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf.ppo.ops import masked_mean
+
+
+def _check_shapes(**tensors: torch.Tensor) -> torch.Tensor:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"loss inputs must share one shape (B, T), got {shapes}")
+    mask = tensors["mask"]
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate objective, as a loss to minimise.
+
+    logprobs: (B, T) current policy log-probabilities of the taken tokens (with grad);
+    old_logprobs: (B, T) those recorded at rollout; advantages: (B, T); mask: (B, T) action tokens.
+    ratio = exp(logprobs - old_logprobs);
+    loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - cliprange, 1 + cliprange))).
+    Stats: ``clipfrac`` = fraction of tokens where the clipped term is the active (larger) one,
+    ``approxkl`` = 0.5 * masked_mean((logprobs - old_logprobs) ** 2) (TRL's), ``ratio`` = masked mean ratio.
+    ``old_logprobs`` and ``advantages`` are treated as constants (detached).
+    """
+    m = _check_shapes(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+    if not cliprange > 0:
+        raise ValueError(f"cliprange must be > 0, got {cliprange}")
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    log_ratio = torch.where(m, logprobs - old_logprobs.detach(), zero)  # (B, T); 0 on masked positions
+    adv = torch.where(m, advantages.detach().to(logprobs.dtype), zero)  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    pg_losses = -adv * ratio  # (B, T)
+    pg_losses_clipped = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # (B, T)
+    loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), m)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((pg_losses_clipped > pg_losses).to(logprobs.dtype), m),
+            "approxkl": 0.5 * masked_mean(log_ratio.square(), m),
+            "ratio": masked_mean(ratio, m),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * masked_mean(max((V - R)^2, (V_clipped - R)^2)).
+
+    values: (B, T) current critic predictions (with grad); old_values: (B, T) those recorded at rollout;
+    returns: (B, T) targets (e.g. from ``gae``); mask: (B, T) action tokens.
+    V_clipped = old_values + clip(values - old_values, -cliprange_value, cliprange_value); ``None`` (or inf)
+    disables clipping (plain 0.5 * squared error). Stats: ``clipfrac`` = fraction of tokens where the clipped
+    error is the larger one, ``vpred`` = masked mean of ``values``.
+    """
+    m = _check_shapes(values=values, old_values=old_values, returns=returns, mask=mask)
+    if cliprange_value is not None and not cliprange_value > 0:
+        raise ValueError(f"cliprange_value must be > 0 (or None for no clipping), got {cliprange_value}")
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    v = torch.where(m, values, zero)  # (B, T)
+    old = torch.where(m, old_values.detach().to(values.dtype), zero)  # (B, T)
+    ret = torch.where(m, returns.detach().to(values.dtype), zero)  # (B, T)
+    vf_losses = (v - ret).square()  # (B, T)
+    if cliprange_value is None:
+        vf_losses_clipped = vf_losses
+    else:
+        v_clipped = old + torch.clamp(v - old, -cliprange_value, cliprange_value)  # (B, T)
+        vf_losses_clipped = (v_clipped - ret).square()  # (B, T)
+    loss = 0.5 * masked_mean(torch.maximum(vf_losses, vf_losses_clipped), m)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((vf_losses_clipped > vf_losses).to(values.dtype), m),
+            "vpred": masked_mean(v, m),
+        }
+    return loss, stats

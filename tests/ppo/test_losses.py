@@ -1,0 +1,189 @@
+"""Clipped policy and value losses against a hand-written per-element reference; masking of gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.ppo.losses import policy_loss, value_loss
+
+
+def policy_reference(logp, old, adv, mask, c) -> tuple[float, float, float, float]:
+    losses, clipped, kls, ratios = [], [], [], []
+    for lp_row, old_row, a_row, m_row in zip(logp, old, adv, mask):
+        for lp, o, a, m in zip(lp_row, old_row, a_row, m_row):
+            if not m:
+                continue
+            ratio = math.exp(lp - o)
+            unclipped = -a * ratio
+            clip = -a * min(max(ratio, 1 - c), 1 + c)
+            losses.append(max(unclipped, clip))
+            clipped.append(1.0 if clip > unclipped else 0.0)
+            kls.append(0.5 * (lp - o) ** 2)
+            ratios.append(ratio)
+    n = len(losses)
+    return sum(losses) / n, sum(clipped) / n, sum(kls) / n, sum(ratios) / n
+
+
+def value_reference(v, old, ret, mask, c) -> tuple[float, float]:
+    losses, clipped = [], []
+    for v_row, o_row, r_row, m_row in zip(v, old, ret, mask):
+        for vi, o, r, m in zip(v_row, o_row, r_row, m_row):
+            if not m:
+                continue
+            unclipped = (vi - r) ** 2
+            vc = o + min(max(vi - o, -c), c)
+            clip = (vc - r) ** 2
+            losses.append(0.5 * max(unclipped, clip))
+            clipped.append(1.0 if clip > unclipped else 0.0)
+    return sum(losses) / len(losses), sum(clipped) / len(clipped)
+
+
+def _batch(seed: int, spread: float) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(4, 6, generator=g, dtype=torch.float64) * 3
+    logp = old + spread * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    adv = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    mask[0, 0] = True
+    return logp, old, adv, mask
+
+
+@pytest.mark.parametrize(("seed", "spread"), [(0, 0.05), (1, 0.3), (2, 1.0)])
+def test_policy_loss_matches_reference(seed: int, spread: float) -> None:
+    logp, old, adv, mask = _batch(seed, spread)
+    loss, stats = policy_loss(logp, old, adv, mask, cliprange=0.2)
+    ref_loss, ref_clip, ref_kl, ref_ratio = policy_reference(
+        logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2
+    )
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-10)
+    assert stats["clipfrac"].item() == pytest.approx(ref_clip)
+    assert stats["approxkl"].item() == pytest.approx(ref_kl, rel=1e-10)
+    assert stats["ratio"].item() == pytest.approx(ref_ratio, rel=1e-10)
+    assert set(stats) >= {"clipfrac", "approxkl", "ratio"}
+    assert all(s.dim() == 0 and not s.requires_grad for s in stats.values())
+
+
+def test_policy_loss_on_policy_is_minus_mean_advantage_and_unclipped() -> None:
+    logp, _, adv, mask = _batch(3, 0.0)
+    loss, stats = policy_loss(logp, logp.clone(), adv, mask, 0.2)
+    assert loss.item() == pytest.approx(-adv[mask].mean().item())
+    assert stats["clipfrac"].item() == 0.0 and stats["approxkl"].item() == 0.0
+    assert stats["ratio"].item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("log_ratio", "adv", "clipped"),
+    [
+        (0.5, 1.0, True),  # ratio 1.65 > 1.2 with A > 0: clipped, no gradient
+        (0.5, -1.0, False),  # ratio above range but A < 0: pessimistic unclipped term, gradient flows
+        (-0.5, -1.0, True),  # ratio 0.61 < 0.8 with A < 0: clipped
+        (-0.5, 1.0, False),  # ratio below range with A > 0: unclipped
+        (0.1, 1.0, False),  # inside the range
+    ],
+)
+def test_policy_loss_clipping_cases(log_ratio: float, adv: float, clipped: bool) -> None:
+    old = torch.tensor([[-1.0]], dtype=torch.float64)
+    logp = (old + log_ratio).requires_grad_(True)
+    loss, stats = policy_loss(logp, old, torch.tensor([[adv]], dtype=torch.float64), torch.ones(1, 1), 0.2)
+    loss.backward()
+    ratio = math.exp(log_ratio)
+    assert stats["clipfrac"].item() == (1.0 if clipped else 0.0)
+    if clipped:
+        assert logp.grad.item() == 0.0
+        assert loss.item() == pytest.approx(-adv * min(max(ratio, 0.8), 1.2))
+    else:
+        assert logp.grad.item() == pytest.approx(-adv * ratio)  # d(-A r)/d logp = -A r
+        assert loss.item() == pytest.approx(-adv * ratio)
+
+
+def test_policy_loss_gradient_is_zero_on_masked_positions_even_with_garbage() -> None:
+    logp, old, adv, mask = _batch(4, 0.3)
+    dirty_logp = logp.clone()
+    dirty_logp[~mask] = 50.0  # garbage that would dominate a naive (x * mask) mean
+    dirty_old = old.clone()
+    dirty_old[~mask] = float("nan")
+    dirty_adv = adv.clone()
+    dirty_adv[~mask] = float("inf")
+    dirty_logp.requires_grad_(True)
+    loss, stats = policy_loss(dirty_logp, dirty_old, dirty_adv, mask, 0.2)
+    clean_loss, clean_stats = policy_loss(logp, old, adv, mask, 0.2)
+    torch.testing.assert_close(loss, clean_loss)
+    for key in clean_stats:
+        torch.testing.assert_close(stats[key], clean_stats[key])
+    loss.backward()
+    assert torch.isfinite(dirty_logp.grad).all()
+    assert (dirty_logp.grad[~mask] == 0).all()
+    assert (dirty_logp.grad[mask] != 0).any()
+
+
+def test_policy_loss_mean_is_over_tokens_of_the_minibatch() -> None:
+    """Token-level mean: a long sequence weighs more than a short one (TRL's masked_mean convention)."""
+    old = torch.zeros(2, 4)
+    adv = torch.tensor([[1.0, 1.0, 1.0, 1.0], [-2.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    loss, _ = policy_loss(old.clone(), old, adv, mask, 0.2)
+    assert loss.item() == pytest.approx(-(4 * 1.0 - 2.0) / 5)
+
+
+def test_policy_loss_refuses_bad_input() -> None:
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="cliprange"):
+        policy_loss(x, x, x, torch.ones(2, 3), 0.0)
+    with pytest.raises(ValueError, match="shape"):
+        policy_loss(x, x, torch.zeros(2, 4), torch.ones(2, 3), 0.2)
+
+
+@pytest.mark.parametrize(("seed", "spread"), [(0, 0.05), (1, 0.5), (2, 2.0)])
+def test_value_loss_matches_reference(seed: int, spread: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    old = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    values = old + spread * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    returns = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    mask[0, 0] = True
+    loss, stats = value_loss(values, old, returns, mask, cliprange_value=0.2)
+    ref_loss, ref_clip = value_reference(values.tolist(), old.tolist(), returns.tolist(), mask.tolist(), 0.2)
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-10)
+    assert stats["clipfrac"].item() == pytest.approx(ref_clip)
+    assert stats["vpred"].item() == pytest.approx(values[mask].mean().item())
+    if spread == 2.0:
+        assert 0 < stats["clipfrac"].item() < 1
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "ret", "clipped"),
+    [
+        (0.0, 1.0, 2.0, True),  # moved 1.0 towards the target: clipped at 0.2, larger error kept, no grad
+        (0.0, 1.0, -2.0, False),  # moved away from the target: unclipped error is the larger
+        (0.0, 0.1, 2.0, False),  # within the clip range
+    ],
+)
+def test_value_loss_clipping_cases(old: float, new: float, ret: float, clipped: bool) -> None:
+    values = torch.tensor([[new]], dtype=torch.float64, requires_grad=True)
+    loss, stats = value_loss(values, torch.tensor([[old]]), torch.tensor([[ret]]), torch.ones(1, 1), 0.2)
+    loss.backward()
+    assert stats["clipfrac"].item() == (1.0 if clipped else 0.0)
+    if clipped:
+        v_clipped = old + max(min(new - old, 0.2), -0.2)
+        assert loss.item() == pytest.approx(0.5 * (v_clipped - ret) ** 2)
+        assert values.grad.item() == 0.0
+    else:
+        assert loss.item() == pytest.approx(0.5 * (new - ret) ** 2)
+        assert values.grad.item() == pytest.approx(new - ret)
+
+
+def test_value_loss_without_clipping_and_masked_gradient() -> None:
+    values = torch.tensor([[1.0, 5.0, 3.0]], requires_grad=True)
+    old = torch.tensor([[0.0, float("nan"), 0.0]])
+    returns = torch.tensor([[2.0, float("inf"), 0.0]])
+    mask = torch.tensor([[1, 0, 1]])
+    loss, stats = value_loss(values, old, returns, mask, cliprange_value=None)
+    assert loss.item() == pytest.approx(0.5 * (1.0 + 9.0) / 2)
+    assert stats["clipfrac"].item() == 0.0
+    loss.backward()
+    torch.testing.assert_close(values.grad, torch.tensor([[-0.5, 0.0, 1.5]]))
+    with pytest.raises(ValueError, match="cliprange_value"):
+        value_loss(values, old, returns, mask, cliprange_value=-1.0)
