@@ -39,6 +39,8 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
+    kind: str = "tiny"
+    """tiny (built from the sizes below and the task's vocabulary) | hf (`name_or_path`, which it requires)."""
     name_or_path: str | None = None
     """Hub id or local directory of a causal LM and its tokenizer; unset builds a tiny model from config."""
     hidden_size: int = 64
@@ -52,7 +54,7 @@ class ModelConfig:
     max_position_embeddings: int = 256
     """Tiny model: longest sequence in tokens."""
     dtype: str = "float32"
-    """Weights' dtype for training: float32 | bfloat16 | float16."""
+    """Training precision: float32 | bfloat16 | float16 (mixed precision: master weights stay float32)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Parameter-efficient fine-tuning; off when `lora.r=0`."""
 
@@ -165,6 +167,12 @@ class PPOConfig:
     """Updates between logged metric lines."""
     samples_every: int = 10
     """Updates between sample tables."""
+    critic_learning_rate: float | None = None
+    """Critic learning rate; unset uses `learning_rate`."""
+    whiten_advantages: bool = True
+    """Whiten GAE advantages over each batch's action tokens (TRL does); group advantages are never whitened."""
+    forward_batch_size: int = 64
+    """Episodes per no-grad forward pass (reference, critic and reward model scoring); bounds memory."""
 
 
 @dataclass
@@ -219,6 +227,9 @@ class RLHFConfig:
     """Root seed; every stage derives its own from it."""
     device: str = "auto"
     """auto (cuda when available, else cpu) | cpu | cuda."""
+    num_threads: int = 0
+    """CPU threads for torch; 0 picks 1 for a tiny model (its ops are too small to split) and torch's default
+    otherwise. More threads than free cores slows training down many times over."""
 
 
 def register_configs() -> None:

@@ -1,0 +1,164 @@
+"""Training data for the SFT and reward stages, in TRL's standard formats.
+
+Either the task's own offline data (the environment class's `demonstrations` / `preferences`), or the user's
+dataset: a local jsonl / json / parquet / csv file, a directory written by `Dataset.save_to_disk`, or a hub name
+(through `datasets.load_dataset`). Formats (TRL's): SFT takes `text`, `messages`, or `prompt` + `completion`;
+the reward model takes `chosen` + `rejected` with an optional `prompt` (explicit or implicit prompt).
+A held-out split of `task.eval_fraction` is carved off unless the dataset brings its own `test` split.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # `datasets` loads lazily so that path checks stay fast
+    from datasets import Dataset
+
+    from rlhf.config import RLHFConfig
+
+log = logging.getLogger(__name__)
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+SFT_FORMATS = (("messages",), ("prompt", "completion"), ("text",))
+PREFERENCE_COLUMNS = ("chosen", "rejected")
+
+
+def looks_like_path(spec: str) -> bool:
+    """A file name or a path, as opposed to a hub id such as `org/name`."""
+    return (
+        spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in FILE_BUILDERS or spec.count("/") > 1
+    )
+
+
+def check_dataset_spec(spec: str | None, key: str) -> None:
+    """Fail before any training when a dataset path does not exist or has an unsupported extension."""
+    if not spec:
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix.lower() not in FILE_BUILDERS:
+            raise ValueError(f"{key}={spec}: unsupported file type; use one of {', '.join(FILE_BUILDERS)}")
+        return
+    if looks_like_path(spec):
+        raise ValueError(
+            f"{key}={spec}: no such file or directory; fix the path or unset {key} to use the task's data"
+        )
+
+
+def load_user_dataset(spec: str, key: str) -> tuple[Dataset, Dataset | None]:
+    """The user's dataset as (train, test-or-None): a local file or directory, or a hub dataset name."""
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    check_dataset_spec(spec, key)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        loaded = load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path))
+    elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        loaded = load_from_disk(str(path))
+    else:
+        loaded = load_dataset(str(path) if path.is_dir() else spec)
+    if isinstance(loaded, Dataset):
+        return loaded, None
+    assert isinstance(loaded, DatasetDict)
+    if "train" not in loaded:
+        raise ValueError(f"{key}={spec} has no 'train' split (splits: {', '.join(loaded)})")
+    return loaded["train"], loaded.get("test")
+
+
+def check_sft_columns(ds: Dataset, key: str) -> None:
+    """SFT needs one of TRL's standard formats."""
+    columns = set(ds.column_names)
+    if not any(set(fmt) <= columns for fmt in SFT_FORMATS):
+        raise ValueError(
+            f"{key}: columns {sorted(columns)} match no SFT format; provide 'messages', 'prompt'+'completion' or 'text'"
+        )
+
+
+def check_preference_columns(ds: Dataset, key: str) -> None:
+    """A preference dataset needs `chosen` and `rejected` (and, for the explicit-prompt format, `prompt`)."""
+    missing = [c for c in PREFERENCE_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"{key}: preference data needs columns prompt/chosen/rejected; missing {', '.join(missing)} "
+            f"(found {', '.join(ds.column_names)})"
+        )
+
+
+def join_spacing(example: dict, continuations: tuple[str, ...]) -> dict:
+    """TRL concatenates `prompt + completion` as strings: make sure a word boundary separates them."""
+    prompt = example.get("prompt")
+    if not isinstance(prompt, str) or not prompt or prompt[-1].isspace():
+        return example
+    out = dict(example)
+    for key in continuations:
+        value = out.get(key)
+        if isinstance(value, str) and value and not value[0].isspace():
+            out[key] = " " + value
+    return out
+
+
+def split(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Shuffle and hold out `eval_fraction` of `ds` (None when that is less than one example)."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"task.eval_fraction={eval_fraction} must be in [0, 1)")
+    n_eval = int(round(len(ds) * eval_fraction))
+    if n_eval == 0:
+        return ds.shuffle(seed=seed), None
+    if n_eval >= len(ds):
+        raise ValueError(
+            f"task.eval_fraction={eval_fraction} leaves no training data out of {len(ds)} examples"
+        )
+    parts = ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def _task_class(cfg: RLHFConfig):
+    from envs import env_class
+
+    return env_class(cfg.task.env_id)
+
+
+def sft_splits(cfg: RLHFConfig, seed: int) -> tuple[Dataset, Dataset | None]:
+    """SFT data (train, eval): `sft.dataset` when set, else `task.num_demonstrations` of the task's demonstrations."""
+    from datasets import Dataset
+
+    if cfg.sft.dataset:
+        train, test = load_user_dataset(cfg.sft.dataset, "sft.dataset")
+        check_sft_columns(train, "sft.dataset")
+    else:
+        rows = _task_class(cfg).demonstrations(cfg.task.num_demonstrations, seed)
+        train, test = Dataset.from_list(rows), None
+        check_sft_columns(train, f"{cfg.task.env_id} demonstrations")
+    if "prompt" in train.column_names and "completion" in train.column_names:
+        train = train.map(join_spacing, fn_kwargs={"continuations": ("completion",)})
+        test = (
+            test.map(join_spacing, fn_kwargs={"continuations": ("completion",)}) if test is not None else None
+        )
+    if test is not None:
+        return train.shuffle(seed=seed), test
+    return split(train, cfg.task.eval_fraction, seed)
+
+
+def preference_splits(cfg: RLHFConfig, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Preference pairs (train, eval): `reward.dataset` when set, else `task.num_preferences` task pairs."""
+    from datasets import Dataset
+
+    if cfg.reward.dataset:
+        train, test = load_user_dataset(cfg.reward.dataset, "reward.dataset")
+        check_preference_columns(train, "reward.dataset")
+    else:
+        rows = _task_class(cfg).preferences(cfg.task.num_preferences, seed)
+        train, test = Dataset.from_list(rows), None
+        check_preference_columns(train, f"{cfg.task.env_id} preferences")
+    if "prompt" in train.column_names:
+        train = train.map(join_spacing, fn_kwargs={"continuations": PREFERENCE_COLUMNS})
+        test = (
+            test.map(join_spacing, fn_kwargs={"continuations": PREFERENCE_COLUMNS})
+            if test is not None
+            else None
+        )
+    if test is not None:
+        return train.shuffle(seed=seed), test
+    return split(train, cfg.task.eval_fraction, seed)

@@ -1,0 +1,198 @@
+"""Build or load the policy, reference, critic and reward models.
+
+One loading path serves every model: a tiny model built from config is written with `save_pretrained` into the run
+directory first, so that a user's hub id or local directory goes through exactly the same `from_pretrained` calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch and transformers load lazily: `rlhf --help` and input checks stay fast
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from rlhf.config import LoraConfig, ModelConfig, RLHFConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """`"bfloat16"` -> `torch.bfloat16`; ValueError naming the choices otherwise."""
+    import torch
+
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r} is not one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available, else cpu; asking for cuda without one is a user error."""
+    import torch
+
+    if name not in DEVICES:
+        raise ValueError(f"device={name!r} is not one of {', '.join(DEVICES)}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A small Llama sized by `cfg`, with the tokenizer's vocabulary and special ids (weights from torch's RNG)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(
+            f"model.hidden_size={cfg.hidden_size} must be divisible by model.num_heads={cfg.num_heads}"
+        )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+def prepare_base_model(cfg: RLHFConfig, out_dir: Path) -> Path:
+    """The model every stage starts from, as a `from_pretrained` location.
+
+    `model.name_or_path` unset: build the tokenizer from the task's vocabulary and a tiny model, save both into
+    `out_dir` and return it (rebuilt only when `out_dir` holds none yet). Set: check it and return it unchanged.
+    """
+    if cfg.model.name_or_path:
+        check_model_location(cfg.model.name_or_path)
+        return (
+            Path(cfg.model.name_or_path) if Path(cfg.model.name_or_path).is_dir() else cfg.model.name_or_path
+        )
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists() and (out_dir / "tokenizer.json").exists():
+        return out_dir
+    from envs import env_class  # the task's vocabulary; imported late so models.py works without envs
+    from rlhf.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(env_class(cfg.task.env_id).vocabulary())
+    model = build_tiny_model(cfg.model, tokenizer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    n = sum(p.numel() for p in model.parameters())
+    log.info("built tiny model: %.2fM parameters, vocabulary %d -> %s", n / 1e6, len(tokenizer), out_dir)
+    return out_dir
+
+
+def check_model_location(path: str | Path, key: str = "model.name_or_path") -> None:
+    """A local directory must hold a model (config.json) and a tokenizer whose vocabulary fits its embeddings.
+
+    Hub ids pass unchecked here: `from_pretrained` reports what is wrong with them.
+    """
+    p = Path(path)
+    if not p.exists():
+        if str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:
+            raise ValueError(f"{path} does not exist; set {key} to a model directory or hub id")
+        return
+    if not p.is_dir() or not (p / "config.json").exists():
+        raise ValueError(f"{path} holds no model (no config.json); set {key} to a save_pretrained directory")
+    from transformers import AutoConfig
+
+    check_vocab_fits(load_tokenizer(p), AutoConfig.from_pretrained(p), str(path))
+
+
+def check_vocab_fits(tokenizer: PreTrainedTokenizerBase, config, where: str) -> None:
+    """Token ids past the embedding table would index out of range mid-training: refuse them up front."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab_size = getattr(text_config, "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"tokenizer at {where} has {len(tokenizer)} tokens but its model embeds only {vocab_size}; "
+            "use the tokenizer saved with that model"
+        )
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` in peft LoRA adapters (`task_type` CAUSAL_LM or SEQ_CLS); identity when `lora.r == 0`."""
+    if lora is None or lora.r <= 0:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type=task_type,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def merge_lora(model):
+    """A plain `PreTrainedModel` to save: adapters merged into the weights, so `transformers` alone loads it."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def load_causal_lm(
+    path: str | Path, dtype: str | torch.dtype = "float32", lora: LoraConfig | None = None
+) -> PreTrainedModel:
+    """`AutoModelForCausalLM` from a save_pretrained dir or hub id; LoRA-wrapped (peft) when `lora.r > 0`."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_location(path, "the model path")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
+    return apply_lora(model, lora, "CAUSAL_LM")
+
+
+def load_reward_model(
+    path: str | Path, dtype: str | torch.dtype = "float32", lora: LoraConfig | None = None
+) -> PreTrainedModel:
+    """`AutoModelForSequenceClassification` with one scalar head and `config.pad_token_id` set.
+
+    From a causal LM directory the head is freshly initialised (a new reward model); from a reward stage's output it
+    is the trained head. The pad id lets the model find each sequence's last real token under left padding.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    check_model_location(path, "the model path")
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, dtype=torch_dtype(dtype), pad_token_id=tokenizer.pad_token_id
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return apply_lora(model, lora, "SEQ_CLS")
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside a model (pad token defaulted to eos when missing)."""
+    from rlhf.tokenizer import load_tokenizer as _load_tokenizer
+
+    return _load_tokenizer(path)
+
+
+def check_tokenizers_match(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, what: str) -> None:
+    """Two models scored or compared token by token must share one vocabulary: ValueError naming `what` otherwise."""
+    if a.get_vocab() != b.get_vocab():
+        raise ValueError(
+            f"{what}: tokenizers differ ({len(a)} vs {len(b)} tokens); both models must use the same tokenizer"
+        )

@@ -1,0 +1,202 @@
+"""SFT stage: TRL's SFTTrainer on the task's demonstrations (or the user's dataset) from the base model.
+
+Writes a `save_pretrained` directory (model + tokenizer, LoRA merged) at `ctx.output_dir`, logs train and eval
+loss per logged step, and a table of a few sampled completions with their gold reward.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from rlhf.config import RLHFConfig
+from rlhf.models import load_causal_lm, load_tokenizer, merge_lora, resolve_device
+from rlhf.stages.base import StageContext, StageResult
+from rlhf.tracking import console_progress_callback
+
+log = logging.getLogger("rlhf")
+
+NUM_SAMPLES = 8
+"""Rows in the samples table."""
+SAMPLE_TOKENS = 32
+"""Most new tokens per sampled completion."""
+
+
+def trainer_arguments(cfg: RLHFConfig, ctx: StageContext, stage_cfg: Any, has_eval: bool) -> dict[str, Any]:
+    """TrainingArguments shared by the SFT and reward stages, every CPU-relevant default set deliberately.
+
+    TRL defaults that hurt here: bf16 on (set from `model.dtype` instead), gradient checkpointing on (slower for
+    small models), checkpoint saving every 500 steps (the stage saves its final model itself).
+    """
+    device = resolve_device(cfg.device)
+    return dict(
+        output_dir=str(ctx.output_dir / "trainer"),
+        learning_rate=stage_cfg.learning_rate,
+        num_train_epochs=stage_cfg.num_train_epochs,
+        per_device_train_batch_size=stage_cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=max(stage_cfg.per_device_train_batch_size, 64),
+        max_length=stage_cfg.max_length,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        logging_steps=stage_cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="epoch" if has_eval else "no",
+        save_strategy="no",
+        report_to=ctx.tracker.report_to,
+        run_name=ctx.output_dir.name,
+        use_cpu=device.type == "cpu",
+        bf16=cfg.model.dtype == "bfloat16",
+        fp16=cfg.model.dtype == "float16",
+        activation_checkpointing=False,  # transformers 5 name of gradient_checkpointing (TRL defaults it on)
+        seed=ctx.seed,
+        data_seed=ctx.seed,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device.type == "cuda",
+        disable_tqdm=False,
+    )
+
+
+def replace_progress(trainer, stage: str) -> None:
+    """Swap transformers' dict-printing progress callback for bars plus one `logging` line per logged step."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(console_progress_callback(stage))
+
+
+def final_eval(trainer) -> dict[str, float]:
+    """The evaluation at the last step: reused from the trainer's log when the schedule ended on one."""
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry:
+            if entry.get("step") == trainer.state.global_step:
+                return entry
+            break
+    return trainer.evaluate()
+
+
+def base_model_path(ctx: StageContext) -> Path | str:
+    """The base model the pipeline prepared (tiny model dir or `model.name_or_path`)."""
+    if "base" not in ctx.upstream:
+        raise ValueError("the sft stage needs the base model; run it through rlhf.pipeline.run")
+    return ctx.upstream["base"].artifact
+
+
+@torch.no_grad()
+def generate(
+    model, tokenizer, prompts: list, max_new_tokens: int = SAMPLE_TOKENS, seed: int = 0
+) -> list[str]:
+    """Sample one completion per prompt (temperature 1, as PPO samples); text prompts or a list of messages."""
+    was_training = model.training
+    model.eval()
+    # tokenized as the trainer tokenizes them: chat prompts through the template, text with the special tokens
+    encoded = [
+        tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=True)
+        if isinstance(p, list)
+        else tokenizer(p)
+        for p in prompts
+    ]
+    batch = tokenizer.pad(
+        [{"input_ids": e["input_ids"]} for e in encoded], padding_side="left", return_tensors="pt"
+    ).to(model.device)
+    torch.manual_seed(seed)
+    out = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model.train(was_training)
+    new = out[:, batch["input_ids"].shape[1] :]
+    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def sample_rows(
+    cfg: RLHFConfig, model, tokenizer, data: Dataset, seed: int
+) -> tuple[list[list], float | None]:
+    """(prompt, completion, gold reward) rows for the samples table, and the mean gold reward (None without one)."""
+    if "prompt" in data.column_names:
+        prompts = data["prompt"][:NUM_SAMPLES]
+    elif "messages" in data.column_names:
+        prompts = [m[:1] for m in data["messages"][:NUM_SAMPLES]]
+    else:
+        return [], None
+    completions = generate(model, tokenizer, prompts, seed=seed)
+    gold_cls = None
+    if not cfg.sft.dataset:
+        from envs import env_class
+
+        gold_cls = env_class(cfg.task.env_id)
+    rows = []
+    for prompt, completion in zip(prompts, completions):
+        text = prompt if isinstance(prompt, str) else prompt[0]["content"]
+        gold = (
+            gold_cls.gold_reward(text, completion)
+            if gold_cls is not None and isinstance(prompt, str)
+            else None
+        )
+        rows.append([text, completion, gold])
+    golds = [r[2] for r in rows if r[2] is not None]
+    return rows, (sum(golds) / len(golds) if golds else None)
+
+
+def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
+    from trl import SFTConfig, SFTTrainer
+    from trl.chat_template_utils import has_generation_markers
+
+    from rlhf.data import sft_splits
+
+    train, evals = sft_splits(cfg, ctx.seed)
+    base = base_model_path(ctx)
+    tokenizer = load_tokenizer(base)
+    model = load_causal_lm(base, "float32", cfg.model.lora)
+    conversational = "messages" in train.column_names
+    args = SFTConfig(
+        **trainer_arguments(cfg, ctx, cfg.sft, has_eval=evals is not None),
+        packing=False,
+        assistant_only_loss=conversational and has_generation_markers(tokenizer.chat_template or ""),
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer
+    )
+    replace_progress(trainer, "sft")
+    log.info(
+        "[sft] %d train / %d eval examples, %d optimizer steps", len(train), len(evals or []), _steps(trainer)
+    )
+
+    metrics: dict[str, float] = {}
+    if evals is not None:
+        metrics["eval/loss_before"] = trainer.evaluate()["eval_loss"]
+    out = trainer.train()
+    metrics["train/loss"] = out.training_loss
+    if evals is not None:
+        metrics["eval/loss"] = final_eval(trainer)["eval_loss"]
+
+    model = merge_lora(trainer.model)
+    rows, gold = sample_rows(cfg, model, tokenizer, evals if evals is not None else train, ctx.seed)
+    if rows:
+        ctx.tracker.log_table("samples", ["prompt", "completion", "gold_reward"], rows)
+    if gold is not None:
+        metrics["samples/gold_reward"] = gold
+
+    model.save_pretrained(ctx.output_dir)
+    tokenizer.save_pretrained(ctx.output_dir)
+    shutil.rmtree(ctx.output_dir / "trainer", ignore_errors=True)
+    return StageResult(artifact=ctx.output_dir, metrics=metrics)
+
+
+def _steps(trainer) -> int:
+    """Optimizer steps the trainer will take (for the console)."""
+    import math
+
+    per_epoch = math.ceil(len(trainer.train_dataset) / trainer.args.per_device_train_batch_size)
+    return math.ceil(per_epoch * trainer.args.num_train_epochs)

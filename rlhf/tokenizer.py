@@ -1,0 +1,74 @@
+"""Build a tokenizer offline from a task's vocabulary, or load one from a path.
+
+The built tokenizer is a word-level model (one token per whitespace-separated word), so built-in tasks need no
+download and no merges: `tokenizers` WordLevel + WhitespaceSplit, wrapped in `PreTrainedTokenizerFast`.
+
+Its chat template lays a conversation out exactly as the multi-turn rollout does (token-in/token-out):
+user (environment) content followed by a space, assistant content followed by " </s> ", the assistant part inside
+`{% generation %}` markers so that TRL's `assistant_only_loss` trains on the replies and their stop token only.
+Hence ids(obs0) + ids(reply1) + [eos] + ids(obs1) + ... == apply_chat_template(messages) ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+PAD, UNK, EOS = "<pad>", "<unk>", "</s>"
+SPECIAL_TOKENS = (PAD, UNK, EOS)
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] }} " + EOS + " {% endgeneration %}"
+    "{% else %}"
+    "{{ message['content'] }} "
+    "{% endif %}"
+    "{% endfor %}"
+)
+"""Every message is one segment; the generation prompt is empty (the policy continues after the user's space)."""
+
+
+def build_tokenizer(vocabulary: list[str], model_max_length: int = 1024) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over `vocabulary`: ids 0-2 are <pad>, <unk>, </s>; then the words in the given order.
+
+    Left padding, because every consumer (generation, reward scoring of the last token via the pad id) batches
+    prompts; no BOS and no post-processor, so ids(a) + ids(b) == ids(a + " " + b).
+    """
+    words: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for word in vocabulary:
+        if not word or any(c.isspace() for c in word):
+            raise ValueError(f"vocabulary entry {word!r} must be one non-empty word without whitespace")
+        words.setdefault(word, len(words))
+    backend = Tokenizer(models.WordLevel(vocab=words, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # WordLevel has no decoder of its own: join words with single spaces (what the environments parse).
+    backend.decoder = decoders.WordPiece(prefix="\x00", cleanup=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        unk_token=UNK,
+        eos_token=EOS,
+        padding_side="left",
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer saved with `save_pretrained` (or a hub id); give it a pad token when it has none."""
+    path = str(path)
+    if Path(path).is_dir() and not any(
+        (Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    ):
+        raise ValueError(
+            f"{path} holds no tokenizer (no tokenizer.json / tokenizer_config.json); pass a model directory"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

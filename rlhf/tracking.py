@@ -1,0 +1,380 @@
+"""One W&B run per stage (offline by default), grouped by pipeline run or sweep, plus a reader for offline runs.
+
+Every stage gets a `StageTracker`. With `logger=none` it is a no-op that still prints one console line per logged
+step, so stages never branch on the backend. TRL trainers log into the already-initialised run through
+`report_to="wandb"` (transformers' WandbCallback reuses `wandb.run`).
+
+W&B keeps everything under the run directory: WANDB_DIR, WANDB_DATA_DIR (artifact staging) and WANDB_CACHE_DIR
+point there, so an offline run works with no network, no account and no writes to the home directory;
+`wandb sync <run_dir>/wandb/offline-run-*` uploads it later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import struct
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rlhf.config import RLHFConfig
+
+log = logging.getLogger("rlhf")
+
+BACKENDS = ("wandb", "none")
+MODES = ("offline", "online", "disabled")
+COPY_LIMIT_BYTES = 256 * 2**20
+"""Outputs above this size are logged as references to their directory (no copy, no upload of the weights)."""
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_metrics(stage: str, metrics: dict[str, Any], step: int | None) -> str:
+    """One console line: `[sft] step 20 | train/loss=1.234 | ...`."""
+    head = f"[{stage}]" + (f" step {step}" if step is not None else "")
+    return " | ".join([head, *(f"{k}={_format_value(v)}" for k, v in metrics.items())])
+
+
+def _scalar(value: Any) -> Any:
+    """Tensors and numpy scalars -> python numbers (W&B and JSON both want plain values)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    return value
+
+
+class StageTracker:
+    """A stage's W&B run, or a console-only stand-in when `run` is None."""
+
+    def __init__(self, stage: str = "", run: Any = None, log_artifacts: bool = True) -> None:
+        self.stage = stage
+        self._run = run
+        self._log_artifacts = log_artifacts
+        self.run_id: str | None = run.id if run is not None else None
+        """W&B run id (None when logging is off)."""
+        self.report_to: str = "wandb" if run is not None else "none"
+        """What to pass to TRL's `report_to`."""
+        self.dir: Path | None = Path(run.dir).parent if run is not None else None
+        """The W&B run's own directory (`.../wandb/offline-run-*`), None when logging is off."""
+
+    @property
+    def enabled(self) -> bool:
+        return self._run is not None
+
+    def log(self, metrics: dict[str, float], step: int, console: bool = True) -> None:
+        """W&B log at `step` and one console line (through `logging`, logger `rlhf`)."""
+        metrics = {k: _scalar(v) for k, v in metrics.items()}
+        if console:
+            log.info(format_metrics(self.stage, metrics, step))
+        if self._run is not None:
+            # W&B steps only move forward: a step already passed (e.g. after TRL's own logging) goes to the next row.
+            if step is not None and step >= self._run.step:
+                self._run.log(metrics, step=step)
+            else:
+                self._run.log(metrics)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
+        """A `wandb.Table` (e.g. prompt / completion / gold reward samples); the first rows also go to the console."""
+        for row in rows[:3]:
+            log.info(
+                "[%s] %s: %s",
+                self.stage,
+                key,
+                " | ".join(f"{c}={_format_value(v)}" for c, v in zip(columns, row)),
+            )
+        if self._run is None:
+            return
+        import wandb
+
+        table = wandb.Table(columns=list(columns), data=[[_scalar(v) for v in row] for row in rows])
+        if step is not None and step >= self._run.step:
+            self._run.log({key: table}, step=step)
+        else:
+            self._run.log({key: table})
+
+    def log_artifact(self, path: Path, name: str, type: str) -> None:
+        """Log a directory (a stage's `save_pretrained` output) or file as a W&B artifact."""
+        if self._run is None or not self._log_artifacts:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]", "-", name), type=type)
+        path = Path(path).resolve()
+        size = (
+            sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            if path.is_dir()
+            else path.stat().st_size
+        )
+        if size > COPY_LIMIT_BYTES:  # W&B stages a copy of every file: reference big models in place instead
+            artifact.add_reference(path.as_uri(), checksum=False)
+        elif path.is_dir():
+            artifact.add_dir(str(path))
+        else:
+            artifact.add_file(str(path))
+        self._run.log_artifact(artifact)
+
+    def log_image(self, key: str, path: Path) -> None:
+        """An image file (e.g. a plot) under `key`."""
+        if self._run is None:
+            return
+        import wandb
+
+        self._run.log({key: wandb.Image(str(path))})
+
+    def set_summary(self, metrics: dict[str, float]) -> None:
+        """The run's summary: the stage's final metrics."""
+        if self._run is not None:
+            self._run.summary.update({k: _scalar(v) for k, v in metrics.items()})
+
+    def finish(self, exit_code: int | None = None) -> None:
+        """Close the run (flushes the offline file); a non-zero `exit_code` marks it failed. Safe to call twice."""
+        if self._run is not None:
+            run, self._run = self._run, None
+            run.finish(exit_code=exit_code)
+            if self.dir is not None and run.settings.mode == "offline":
+                log.info(
+                    "[%s] W&B offline run %s: upload with `wandb sync %s`", self.stage, self.run_id, self.dir
+                )
+
+
+def null_tracker(stage: str = "") -> StageTracker:
+    """A tracker that only prints: for `logger=none` and for tests of stages without W&B."""
+    return StageTracker(stage)
+
+
+def check_logger_config(cfg: RLHFConfig) -> None:
+    """ValueError for an unknown backend or mode, before any work."""
+    if cfg.logger.backend not in BACKENDS:
+        raise ValueError(f"logger.backend={cfg.logger.backend!r} is not one of {', '.join(BACKENDS)}")
+    if cfg.logger.mode not in MODES:
+        raise ValueError(f"logger.mode={cfg.logger.mode!r} is not one of {', '.join(MODES)}")
+
+
+def wandb_env(run_dir: Path) -> dict[str, str]:
+    """The environment that keeps all of W&B's files under `run_dir`."""
+    run_dir = Path(run_dir).resolve()
+    return {
+        "WANDB_DIR": str(run_dir),
+        "WANDB_DATA_DIR": str(run_dir / "wandb" / "data"),
+        "WANDB_CACHE_DIR": str(run_dir / "wandb" / "cache"),
+        "WANDB_ARTIFACT_DIR": str(run_dir / "wandb" / "artifacts"),
+    }
+
+
+def start_stage(
+    cfg: RLHFConfig,
+    stage: str,
+    run_dir: Path,
+    group: str,
+    resume_id: str | None = None,
+    name: str | None = None,
+) -> StageTracker:
+    """Start the stage's W&B run: project from config, `group`, job_type = stage, config = the resolved config."""
+    check_logger_config(cfg)
+    if cfg.logger.backend == "none" or cfg.logger.mode == "disabled":
+        return null_tracker(stage)
+    import wandb
+    from omegaconf import OmegaConf
+
+    for key, value in wandb_env(run_dir).items():
+        os.environ[key] = value
+        if key != "WANDB_DIR":
+            Path(value).mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else _asdict(cfg)
+    run = wandb.init(
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=cfg.logger.group or group,
+        job_type=stage,
+        name=name or f"{group}-{stage}",
+        tags=list(cfg.logger.tags),
+        config=config,
+        dir=str(Path(run_dir).resolve()),
+        mode=cfg.logger.mode,
+        id=resume_id,
+        resume="allow" if resume_id else None,
+        reinit="finish_previous",
+        settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True, disable_git=True),
+    )
+    tracker = StageTracker(stage, run, log_artifacts=cfg.logger.log_artifacts)
+    log.info(
+        "[%s] W&B run %s (%s), group %s, files in %s", stage, run.id, cfg.logger.mode, run.group, tracker.dir
+    )
+    return tracker
+
+
+def _asdict(cfg: Any) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading an offline run back. wandb ships no Python reader for `.wandb` files; the format is LevelDB's log format:
+# a 7-byte file header (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each chunk a 7-byte header
+# (crc32, length, type: FULL/FIRST/MIDDLE/LAST) and its data; a record is one protobuf `Record`.
+
+_FILE_HEADER = struct.Struct("<4sHB")
+_CHUNK_HEADER = struct.Struct("<IHB")
+_BLOCK = 32 * 1024
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def iter_records(path: Path):
+    """Yield `wandb_internal_pb2.Record` messages from a `.wandb` file, checking each chunk's crc32."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    ident, magic, version = _FILE_HEADER.unpack_from(data, 0)
+    if ident != b":W&B" or magic != 0xBEE1:
+        raise ValueError(f"{path} is not a W&B transaction log (header {ident!r} {magic:#x})")
+    pos, pending = _FILE_HEADER.size, b""
+    while pos + _CHUNK_HEADER.size <= len(data):
+        left_in_block = _BLOCK - pos % _BLOCK
+        if left_in_block < _CHUNK_HEADER.size:  # trailer padding: the next chunk starts on the next block
+            pos += left_in_block
+            continue
+        crc, length, kind = _CHUNK_HEADER.unpack_from(data, pos)
+        if crc == 0 and length == 0 and kind == 0:  # zero padding (block tail or preallocated end of file)
+            pos += left_in_block
+            continue
+        start = pos + _CHUNK_HEADER.size
+        chunk = data[start : start + length]
+        if len(chunk) < length:
+            break  # truncated tail of a run still being written
+        if zlib.crc32(bytes([kind]) + chunk) & 0xFFFFFFFF != crc:
+            raise ValueError(f"{path}: bad checksum at byte {pos}")
+        pos = start + length
+        if kind == _FULL:
+            pending = b""
+            payload = chunk
+        elif kind == _FIRST:
+            pending = chunk
+            continue
+        elif kind == _MIDDLE:
+            pending += chunk
+            continue
+        elif kind == _LAST:
+            payload, pending = pending + chunk, b""
+        else:
+            raise ValueError(f"{path}: unknown chunk type {kind} at byte {pos}")
+        record = pb.Record()
+        record.ParseFromString(payload)
+        yield record
+
+
+def _item_key(item) -> str:
+    return "/".join(item.nested_key) if item.nested_key else item.key
+
+
+def _item_value(item) -> Any:
+    try:
+        return json.loads(item.value_json)
+    except (json.JSONDecodeError, AttributeError):
+        return item.value_json
+
+
+def find_wandb_file(path: str | Path) -> Path:
+    """The `.wandb` file of an offline run directory (or the file itself)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    files = sorted(path.glob("*.wandb")) or sorted(path.glob("run-*/*.wandb"))
+    if len(files) != 1:
+        raise ValueError(
+            f"expected one .wandb file in {path}, found {len(files)}; pass one offline-run-* directory"
+        )
+    return files[0]
+
+
+def find_offline_runs(run_dir: str | Path) -> list[Path]:
+    """Every W&B run directory (offline-run-* / run-*) under a pipeline's run directory, oldest first."""
+    return sorted({p.parent for p in Path(run_dir).rglob("*.wandb")}, key=lambda p: p.name)
+
+
+def read_offline_run(run_dir_of_wandb: str | Path) -> dict[str, Any]:
+    """Parse an offline W&B run: what a `wandb sync` would upload.
+
+    Returns `{"run": {id, project, group, job_type, name}, "config": {...}, "history": [row, ...],
+    "summary": {...}, "artifacts": [{name, type}, ...]}`; each history row maps metric keys (and `_step`) to values.
+    """
+    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "artifacts": []}
+    for record in iter_records(find_wandb_file(run_dir_of_wandb)):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            out["run"] = {
+                "id": r.run_id,
+                "project": r.project,
+                "group": r.run_group,
+                "job_type": r.job_type,
+                "name": r.display_name,
+                "tags": list(r.tags),
+            }
+            for item in r.config.update:
+                out["config"][_item_key(item)] = _item_value(item)
+        elif kind == "config":
+            for item in record.config.update:
+                out["config"][_item_key(item)] = _item_value(item)
+        elif kind == "history":
+            row = {_item_key(item): _item_value(item) for item in record.history.item}
+            out["history"].append(row)
+        elif kind == "summary":
+            for item in record.summary.update:
+                out["summary"][_item_key(item)] = _item_value(item)
+        elif kind == "artifact":
+            out["artifacts"].append({"name": record.artifact.name, "type": record.artifact.type})
+    # Config values come as {"value": v, "desc": ...}: unwrap them.
+    out["config"] = {
+        k: v["value"] if isinstance(v, dict) and "value" in v else v for k, v in out["config"].items()
+    }
+    out["history"] = [row for row in out["history"] if any(not k.startswith("_") for k in row)]
+    return out
+
+
+def history_values(run: dict[str, Any], key: str) -> list[float]:
+    """Every logged value of `key` in a run read by `read_offline_run` (finite numbers only)."""
+    values = [row[key] for row in run["history"] if key in row]
+    return [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
+
+
+def rewrite_trainer_logs(logs: dict[str, Any]) -> dict[str, Any]:
+    """HF Trainer keys -> W&B-style namespaced keys, as transformers' WandbCallback writes them (`eval_loss` ->
+    `eval/loss`, `loss` -> `train/loss`)."""
+    out = {}
+    for key, value in logs.items():
+        if key == "total_flos":
+            continue
+        if key.startswith("eval_"):
+            out["eval/" + key[len("eval_") :]] = value
+        elif key.startswith("test_"):
+            out["test/" + key[len("test_") :]] = value
+        else:
+            out["train/" + key] = value
+    return out
+
+
+def console_progress_callback(stage: str):
+    """transformers' progress bars, but each logged step becomes one `logging` line instead of a printed dict."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class ConsoleProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description(stage)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                logs = {k: v for k, v in rewrite_trainer_logs(logs).items() if not isinstance(v, str)}
+                log.info(format_metrics(stage, logs, state.global_step))
+
+    return ConsoleProgress()

@@ -1,0 +1,134 @@
+"""The real `rlhf` command in a subprocess: help, --cfg, errors, a run, and multirun sweeps (basic and joblib)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf.tracking import find_offline_runs, history_values, read_offline_run
+
+RLHF = str(Path(sys.executable).with_name("rlhf"))
+TINY = [
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_heads=2",
+    "task.num_demonstrations=48",
+    "task.num_preferences=48",
+    "task.eval_fraction=0.25",
+    "sft.num_train_epochs=1",
+    "reward.num_train_epochs=1",
+    "sft.per_device_train_batch_size=16",
+    "reward.per_device_train_batch_size=16",
+]
+
+
+def rlhf(*args: str, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([RLHF, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rlhf {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_help_lists_groups_and_cfg_prints_the_config(tmp_path):
+    out = rlhf("--help", cwd=tmp_path).stdout
+    for line in (
+        "task: arithmetic, guess, review",
+        "model: hf",
+        "logger: logger_schema, none, wandb",
+        "sft: default",
+    ):
+        assert line in out
+    cfg = rlhf("--cfg", "job", "task=arithmetic", "sft.learning_rate=0.02", cwd=tmp_path).stdout
+    assert "env_id: rlhf/Arithmetic-v0" in cfg and "learning_rate: 0.02" in cfg
+    module = subprocess.run(
+        [sys.executable, "-m", "rlhf", "--cfg", "job", "seed=7"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert module.returncode == 0 and "seed: 7" in module.stdout
+    assert not (tmp_path / "outputs").exists()  # --cfg runs nothing
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["sft.learnin_rate=1"], "sft.learnin_rate"),
+        (["reward.num_train_epochs=many"], "reward.num_train_epochs"),
+        (["stages=[sft,rl]"], "rlhf: error: stages: unknown rl"),
+        (["model=hf"], "rlhf: error: model=hf needs model.name_or_path"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, args, needle):
+    proc = rlhf(*args, "hydra.run.dir=run", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_run_writes_summary_and_wandb_runs(tmp_path):
+    rlhf("stages=[sft,reward]", "hydra.run.dir=out", *TINY, cwd=tmp_path)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(summary["stages"]) == ["sft", "reward"]
+    assert "eval/accuracy" in summary["stages"]["reward"]["metrics"]
+    runs = [read_offline_run(d) for d in find_offline_runs(tmp_path / "out")]
+    assert sorted(r["run"]["job_type"] for r in runs) == ["reward", "sft"]
+    assert {r["run"]["group"] for r in runs} == {"out"}
+    assert (tmp_path / "out" / "rlhf.log").read_text().count(
+        "[sft] step"
+    ) >= 3  # console line per logged step
+
+
+def _check_sweep(sweep: Path) -> None:
+    groups, lrs = set(), set()
+    for job in ("0", "1"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert list(summary["stages"]) == ["sft"]
+        assert summary["stages"]["sft"]["artifact"] == str((sweep / job / "sft").resolve())
+        (run_dir,) = find_offline_runs(sweep / job)
+        run = read_offline_run(run_dir)
+        groups.add(run["run"]["group"])
+        lrs.add(run["config"]["sft"]["learning_rate"])
+        assert history_values(run, "train/loss")
+    assert groups == {sweep.name}  # both jobs' runs in one W&B group
+    assert lrs == {1e-3, 3e-3}
+
+
+def test_multirun_basic_launcher(tmp_path):
+    rlhf("-m", "stages=[sft]", "sft.learning_rate=1e-3,3e-3", "hydra.sweep.dir=sweep", *TINY, cwd=tmp_path)
+    _check_sweep(tmp_path / "sweep")
+
+
+@pytest.mark.slow
+def test_multirun_joblib_launcher(tmp_path):
+    rlhf(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "stages=[sft]",
+        "sft.learning_rate=1e-3,3e-3",
+        "hydra.sweep.dir=sweep",
+        *TINY,
+        cwd=tmp_path,
+    )
+    _check_sweep(tmp_path / "sweep")
+
+
+@pytest.mark.slow
+def test_default_sft_and_reward_reach_the_accuracy_target(tmp_path):
+    """The issue's acceptance run: default config, review task, tiny model."""
+    rlhf("stages=[sft,reward]", "hydra.run.dir=out", cwd=tmp_path, timeout=600)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    accuracy = summary["stages"]["reward"]["metrics"]["eval/accuracy"]
+    assert accuracy >= 0.80
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    AutoModelForCausalLM.from_pretrained(summary["stages"]["sft"]["artifact"])
+    AutoModelForSequenceClassification.from_pretrained(summary["stages"]["reward"]["artifact"])
+    runs = {r["run"]["job_type"]: r for r in map(read_offline_run, find_offline_runs(tmp_path / "out"))}
+    assert history_values(runs["reward"], "eval/accuracy")[-1] == accuracy
+    assert len(history_values(runs["sft"], "train/loss")) >= 10
