@@ -1,0 +1,175 @@
+"""Atomic PPO checkpoints: written aside, fsynced, then renamed into place; only the newest is kept.
+
+Layout under a stage directory::
+
+    checkpoints/
+      checkpoint-000012/          the newest complete checkpoint (update 12 done)
+        meta.json                 update, episodes, W&B run id, batch settings
+        policy/                   save_pretrained policy + tokenizer (plain `transformers` loads it)
+        critic/                   save_pretrained critic (when there is one)
+        accelerate/               `Accelerator.save_state`: prepared models, optimizers, schedulers, KL controller,
+                                  score normaliser, RNG states of every process (torch, numpy, python, cuda)
+      .tmp-checkpoint-000016/     a checkpoint being written (ignored, removed by the next save)
+
+A kill at any moment leaves the previous `checkpoint-*` intact: the new one only becomes visible by an atomic
+directory rename after every file in it was fsynced. `Accelerator.save_state` handles DDP, FSDP and DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-checkpoint-"
+META = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: the message is one line that says what to do."""
+
+
+def checkpoint_root(stage_dir: str | Path) -> Path:
+    return Path(stage_dir) / CHECKPOINTS
+
+
+def latest_checkpoint(stage_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint directory, or None."""
+    root = checkpoint_root(stage_dir)
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    return done[-1] if done else None
+
+
+def read_meta(checkpoint: Path) -> dict[str, Any]:
+    """meta.json of a checkpoint; CheckpointError when missing or unreadable."""
+    try:
+        meta = json.loads((checkpoint / META).read_text())
+        int(meta["update"])
+    except Exception as e:
+        raise CheckpointError(_corrupt(checkpoint, e)) from None
+    return meta
+
+
+def read_resume_run_id(stage_dir: str | Path) -> str | None:
+    """The W&B run id stored in the stage's newest checkpoint (None when there is none).
+
+    The pipeline calls this before it starts the stage's tracker, so a resumed PPO stage logs into the same run:
+    `start_stage(cfg, "ppo", run_dir, group, resume_id=read_resume_run_id(run_dir / "ppo"))`.
+    """
+    checkpoint = latest_checkpoint(stage_dir)
+    if checkpoint is None:
+        return None
+    return read_meta(checkpoint).get("wandb_run_id")
+
+
+def _corrupt(checkpoint: Path, error: BaseException) -> str:
+    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+    return (
+        f"checkpoint {checkpoint} is corrupt or incomplete ({type(error).__name__}: {first_line}); "
+        "delete that directory to start over, or set ppo.resume=false"
+    )
+
+
+@contextmanager
+def _quiet():
+    """Silence accelerate's per-file INFO lines and transformers' shard progress bars while saving or loading."""
+    from transformers.utils import logging as hf_logging
+
+    acc_logger = logging.getLogger("accelerate")
+    level, bars = acc_logger.level, hf_logging.is_progress_bar_enabled()
+    acc_logger.setLevel(logging.ERROR)  # incl. "removed shared tensor" for tied embeddings: expected
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        acc_logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file, then every directory bottom-up, so the rename publishes durable contents."""
+    for dirpath, _, filenames in os.walk(path, topdown=False):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems do not fsync directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    accelerator,
+    stage_dir: str | Path,
+    update: int,
+    meta: dict[str, Any],
+    pretrained: dict[str, tuple[Any, Any]],
+) -> Path:
+    """Write checkpoint-<update> atomically; every process must call this (each saves its RNG state).
+
+    pretrained: name -> (model, tokenizer or None), written with `save_pretrained` (main process only).
+    Returns the final directory. Older checkpoints and leftovers of killed saves are removed afterwards.
+    """
+    root = checkpoint_root(stage_dir)
+    tmp = root / f"{TMP_PREFIX}{update:06d}"
+    final = root / f"{PREFIX}{update:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    with _quiet():
+        accelerator.save_state(str(tmp / "accelerate"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with _quiet():
+            for name, (model, tokenizer) in pretrained.items():
+                model.save_pretrained(tmp / name)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp / name)
+        (tmp / META).write_text(json.dumps({**meta, "update": update}, indent=1))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in root.iterdir():
+            if old != final and (old.name.startswith(PREFIX) or old.name.startswith(TMP_PREFIX)):
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint written: %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> dict[str, Any]:
+    """Restore the prepared models, optimizers, registered objects and RNG states; return meta.json."""
+    meta = read_meta(checkpoint)
+    try:
+        with _quiet():
+            accelerator.load_state(str(checkpoint / "accelerate"))
+    except Exception as e:
+        raise CheckpointError(_corrupt(checkpoint, e)) from None
+    return meta

@@ -1,0 +1,424 @@
+"""Rollouts: batched generation against many text environments at once, single- or multi-turn.
+
+Token-in/token-out: the policy's sampled token ids are kept exactly as generated; only the environment's messages
+are tokenized (``tokenizer(obs, add_special_tokens=False)``) and appended. Re-tokenizing decoded history would give
+PPO log-probabilities of tokens the policy never sampled. With the word-level tokenizer of ``rlhf.tokenizer`` the
+resulting ids equal ``apply_chat_template(messages)``.
+
+Layout of one batch of episodes (B episodes, Q query tokens, R response tokens)::
+
+    query_ids     (B, Q)  the first observation, left-padded
+    response_ids  (B, R)  everything after it: reply 1 [+ stop], env message 1, reply 2 [+ stop], ..., right-padded
+    action_mask   (B, R)  True on the policy's own tokens (replies and their stop token), False on env messages/padding
+
+Log-probabilities are not taken from the sampler: after the episodes end, one forward pass over the final
+sequences computes them, exactly as the PPO update will (same positions, same masks), so the first ratio is 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.ppo.ops import logprobs_from_logits
+
+
+class EnvFailure(RuntimeError):
+    """An environment raised during reset or step; the message names the env id, the episode seed and the turn."""
+
+
+@dataclass
+class Rollout:
+    """A batch of finished episodes as tensors (on the policy's device) plus their texts."""
+
+    query_ids: torch.Tensor
+    """(B, Q) long: the first observation of each episode, left-padded."""
+    response_ids: torch.Tensor
+    """(B, R) long: policy replies and environment messages after the first observation, right-padded."""
+    attention_mask: torch.Tensor
+    """(B, Q + R) long: 1 on real tokens (query, replies, env messages), 0 on padding."""
+    action_mask: torch.Tensor
+    """(B, R) bool: True on tokens the policy sampled (the only ones that get policy/value losses)."""
+    logprobs: torch.Tensor
+    """(B, R) float32: log-probability of each response token under the rollout policy; 0 off `action_mask`."""
+    env_rewards: torch.Tensor
+    """(B,) float32: the episode's return (sum of the environment's rewards)."""
+    turn_rewards: torch.Tensor
+    """(B, R) float32: each environment step's reward at the last policy token of the turn that earned it."""
+    turn_ends: torch.Tensor
+    """(B, R) bool: True at the last policy token of each turn."""
+    turn_eos: torch.Tensor
+    """(B, R) bool: True at turn ends whose last token is the stop token (the turn ended by itself)."""
+    ended_with_eos: torch.Tensor
+    """(B, max_turns) bool: whether turn k ended with the stop token (False for turns not taken)."""
+    num_turns: torch.Tensor
+    """(B,) long: policy turns taken."""
+    seeds: list[int] = field(default_factory=list)
+    """Episode seeds passed to `env.reset`."""
+    queries: list[str] = field(default_factory=list)
+    """The first observation of each episode."""
+    replies: list[list[str]] = field(default_factory=list)
+    """The text of each policy reply, as given to `env.step`."""
+    transcripts: list[str] = field(default_factory=list)
+    """Everything after the first observation, decoded with special tokens kept (padding dropped)."""
+    infos: list[dict[str, Any]] = field(default_factory=list)
+    """The last `info` dict of each episode."""
+
+    @property
+    def context_length(self) -> int:
+        """Q: where the response starts in `query_responses`."""
+        return self.query_ids.shape[1]
+
+    @property
+    def query_responses(self) -> torch.Tensor:
+        """(B, Q + R) long: the whole episode as one token sequence."""
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """(B,) long: policy tokens per episode."""
+        return self.action_mask.sum(1)
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+
+def env_name(env: gymnasium.Env) -> str:
+    """The registered id (`rlhf/Review-v0`) or the class name of an environment made without gymnasium.make."""
+    spec = getattr(env, "spec", None)
+    return spec.id if spec is not None else type(env.unwrapped).__name__
+
+
+def left_pad(
+    seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> left-padded ids (B, L) and attention mask (B, L)."""
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) positions counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logits(
+    model: torch.nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int
+) -> torch.Tensor:
+    """Logits that predicted each response token: (B, Q + R) ids -> (B, R, V).
+
+    logits[:, t] is the model's output at position Q + t - 1. Position ids come from the attention mask.
+    """
+    out = model(
+        input_ids=query_responses,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+    )
+    return out.logits[:, context_length - 1 : -1]
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: torch.nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Log-probabilities of the response tokens, (B, Q + R) -> (B, R) float32, computed in chunks of `batch_size`."""
+    parts = []
+    for i in range(0, query_responses.shape[0], batch_size):
+        qr = query_responses[i : i + batch_size]
+        logits = response_logits(model, qr, attention_mask[i : i + batch_size], context_length)
+        parts.append(logprobs_from_logits(logits, qr[:, context_length:], temperature).float())
+    return torch.cat(parts)
+
+
+def _generation_config(
+    response_length: int, temperature: float, stop_token_id: int | None, pad_token_id: int
+) -> GenerationConfig:
+    """Plain sampling from softmax(logits / temperature): PPO's stored log-probabilities assume exactly that.
+
+    `eos_token_id=[]` disables stopping (`None` would mean "the model's own EOS"). See `generate_replies` for
+    how the model's own generation_config (a hub model's top_p, repetition_penalty, ...) is kept out.
+    """
+    return GenerationConfig(
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=response_length,
+        eos_token_id=[] if stop_token_id is None else stop_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
+
+
+@torch.no_grad()
+def generate_replies(
+    model: PreTrainedModel,
+    contexts: list[list[int]],
+    *,
+    response_length: int,
+    temperature: float,
+    stop_token_id: int | None,
+    pad_token_id: int,
+) -> list[list[int]]:
+    """One reply per context with the KV cache (HF `generate`): the sampled tokens up to and including the stop token.
+
+    contexts: token lists of different lengths (left-padded here). temperature 0 = greedy.
+    """
+    device = next(model.parameters()).device
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(c) for c in contexts)
+    if max_positions is not None and longest + response_length > max_positions:
+        raise ValueError(
+            f"episode context of {longest} tokens + response_length {response_length} exceeds the model's "
+            f"max_position_embeddings {max_positions}; lower ppo.response_length or use a model with longer context"
+        )
+    ids, mask = left_pad(contexts, pad_token_id, device)
+    gen_cfg = _generation_config(response_length, temperature, stop_token_id, pad_token_id)
+    # `generate` fills every value left unset from the model's generation_config (repetition_penalty,
+    # no_repeat_ngram_size, suppress_tokens, ...): any of them would make the sampler differ from the policy whose
+    # log-probabilities PPO uses. Generate against a blank one instead.
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = owner.generation_config
+    owner.generation_config = GenerationConfig()
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+    finally:
+        owner.generation_config = saved
+    new = out[:, ids.shape[1] :].tolist()  # (B, <= response_length)
+    replies = []
+    for row in new:
+        if stop_token_id is not None and stop_token_id in row:
+            row = row[: row.index(stop_token_id) + 1]
+        replies.append(row)
+    return replies
+
+
+@dataclass
+class _Episode:
+    env: gymnasium.Env
+    seed: int
+    query: list[int]
+    query_text: str
+    tokens: list[int] = field(default_factory=list)  # response part: replies and env messages
+    is_action: list[bool] = field(default_factory=list)
+    turn_end_positions: list[int] = field(default_factory=list)
+    turn_rewards: list[float] = field(default_factory=list)
+    turn_eos: list[bool] = field(default_factory=list)
+    replies: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    done: bool = False
+
+
+def _check_reward(reward: Any, env: gymnasium.Env, seed: int, turn: int) -> float:
+    try:
+        value = float(reward)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"environment {env_name(env)} returned a non-numeric reward {reward!r} in episode seed={seed}, turn {turn}"
+        ) from None
+    if not math.isfinite(value):
+        raise ValueError(
+            f"environment {env_name(env)} returned reward {value} in episode seed={seed}, turn {turn}: "
+            "rewards must be finite; fix the environment (training stopped instead of learning from it)"
+        )
+    return value
+
+
+def _reset(env: gymnasium.Env, seed: int) -> tuple[str, dict]:
+    try:
+        obs, info = env.reset(seed=seed)
+    except Exception as e:
+        raise EnvFailure(
+            f"environment {env_name(env)} raised in reset of episode seed={seed}: {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(obs, str):
+        raise EnvFailure(
+            f"environment {env_name(env)} returned a {type(obs).__name__} observation (seed={seed}); expected str"
+        )
+    return obs, info
+
+
+def _step(env: gymnasium.Env, reply: str, seed: int, turn: int):
+    try:
+        return env.step(reply)
+    except Exception as e:
+        raise EnvFailure(
+            f"environment {env_name(env)} raised in step of episode seed={seed}, turn {turn} "
+            f"(reply {reply!r}): {type(e).__name__}: {e}"
+        ) from e
+
+
+def _fit_action(text: str, env: gymnasium.Env) -> str:
+    """Cut a reply longer than the env's `max_action_length` at a word boundary (the tokens stay as sampled).
+
+    The env contract treats an over-long action as an error; a policy that rambles should get the reward of its
+    first words, not crash training. Raise `response_length` limits instead if this matters for a task.
+    """
+    limit = getattr(env.unwrapped, "max_action_length", None)
+    if limit is None or len(text) <= limit:
+        return text
+    cut = text[: limit + 1]
+    return cut[: cut.rfind(" ")] if " " in cut else text[:limit]
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def rollout(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    envs: list[gymnasium.Env],
+    seeds: list[int],
+    *,
+    response_length: int,
+    temperature: float = 1.0,
+    stop_token_id: int | None = None,
+    max_turns: int | None = None,
+    forward_batch_size: int = 64,
+) -> Rollout:
+    """Play one episode in each env (`env.reset(seed=seeds[i])`), all envs' turns generated as one batch.
+
+    model: the policy (unwrapped from DDP; a peft model works). Each turn generates at most `response_length`
+    tokens and stops at `stop_token_id` (None: only the length limit). An episode ends when the env says
+    terminated or truncated, or after `max_turns` replies (default: the env's `max_turns`, else 1).
+    Raises EnvFailure (env id, seed, turn) when an env raises, ValueError for a NaN/inf/non-numeric reward.
+    """
+    if len(envs) != len(seeds):
+        raise ValueError(f"got {len(envs)} environments but {len(seeds)} seeds")
+    if response_length < 1:
+        raise ValueError(f"response_length must be >= 1, got {response_length}")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    if max_turns is None:
+        max_turns = max(int(getattr(env.unwrapped, "max_turns", 1)) for env in envs)
+
+    episodes = []
+    for env, seed in zip(envs, seeds):
+        obs, _ = _reset(env, seed)
+        episodes.append(_Episode(env=env, seed=seed, query=_encode(tokenizer, obs), query_text=obs))
+    if any(not ep.query for ep in episodes):
+        raise ValueError("an environment's first observation tokenized to nothing; the policy needs a prompt")
+
+    was_training = model.training
+    model.eval()
+    for turn in range(max_turns):
+        active = [ep for ep in episodes if not ep.done]
+        if not active:
+            break
+        # 1. generate this turn's replies for every unfinished episode at once
+        replies = generate_replies(
+            model,
+            [ep.query + ep.tokens for ep in active],
+            response_length=response_length,
+            temperature=temperature,
+            stop_token_id=stop_token_id,
+            pad_token_id=pad_id,
+        )
+        # 2. step each env with the decoded reply; append the reply's tokens and the env's answer
+        for ep, reply in zip(active, replies):
+            text = _fit_action(tokenizer.decode(reply, skip_special_tokens=True), ep.env)
+            obs, reward, terminated, truncated, info = _step(ep.env, text, ep.seed, turn)
+            ep.tokens += reply
+            ep.is_action += [True] * len(reply)
+            ep.turn_end_positions.append(len(ep.tokens) - 1)
+            ep.turn_rewards.append(_check_reward(reward, ep.env, ep.seed, turn))
+            ep.turn_eos.append(stop_token_id is not None and reply[-1] == stop_token_id)
+            ep.replies.append(text)
+            ep.info = info
+            ep.done = bool(terminated or truncated) or turn + 1 == max_turns
+            if not ep.done:
+                env_tokens = _encode(tokenizer, obs)
+                ep.tokens += env_tokens
+                ep.is_action += [False] * len(env_tokens)
+    model.train(was_training)
+    return _collate(model, tokenizer, episodes, max_turns, temperature, forward_batch_size, device)
+
+
+def _collate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    episodes: list[_Episode],
+    max_turns: int,
+    temperature: float,
+    forward_batch_size: int,
+    device: torch.device,
+) -> Rollout:
+    """Episodes -> padded tensors, then one forward pass for the log-probabilities of the sampled tokens."""
+    pad_id = tokenizer.pad_token_id
+    B = len(episodes)
+    query_ids, query_mask = left_pad([ep.query for ep in episodes], pad_id)  # (B, Q)
+    R = max(len(ep.tokens) for ep in episodes)
+    response_ids = torch.full((B, R), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((B, R), dtype=torch.long)
+    action_mask = torch.zeros((B, R), dtype=torch.bool)
+    turn_rewards = torch.zeros((B, R), dtype=torch.float32)
+    turn_ends = torch.zeros((B, R), dtype=torch.bool)
+    turn_eos = torch.zeros((B, R), dtype=torch.bool)
+    ended_with_eos = torch.zeros((B, max_turns), dtype=torch.bool)
+    for i, ep in enumerate(episodes):
+        n = len(ep.tokens)
+        response_ids[i, :n] = torch.tensor(ep.tokens, dtype=torch.long)
+        response_mask[i, :n] = 1
+        action_mask[i, :n] = torch.tensor(ep.is_action, dtype=torch.bool)
+        for k, (pos, r, eos) in enumerate(zip(ep.turn_end_positions, ep.turn_rewards, ep.turn_eos)):
+            turn_rewards[i, pos] = r
+            turn_ends[i, pos] = True
+            turn_eos[i, pos] = eos
+            ended_with_eos[i, k] = eos
+    attention_mask = torch.cat([query_mask, response_mask], dim=1).to(device)
+    query_ids, response_ids = query_ids.to(device), response_ids.to(device)
+    action_mask = action_mask.to(device)
+    was_training = model.training
+    model.eval()
+    logprobs = sequence_logprobs(
+        model,
+        torch.cat([query_ids, response_ids], dim=1),
+        attention_mask,
+        query_ids.shape[1],
+        temperature if temperature > 0 else 1.0,
+        forward_batch_size,
+    )
+    model.train(was_training)
+    logprobs = logprobs.masked_fill(~action_mask, 0.0)
+    transcripts = []
+    for ep in episodes:
+        keep = [t for t in ep.tokens if t != pad_id]
+        transcripts.append(tokenizer.decode(keep, skip_special_tokens=False))
+    return Rollout(
+        query_ids=query_ids,
+        response_ids=response_ids,
+        attention_mask=attention_mask,
+        action_mask=action_mask,
+        logprobs=logprobs,
+        env_rewards=torch.tensor(
+            [sum(ep.turn_rewards) for ep in episodes], dtype=torch.float32, device=device
+        ),
+        turn_rewards=turn_rewards.to(device),
+        turn_ends=turn_ends.to(device),
+        turn_eos=turn_eos.to(device),
+        ended_with_eos=ended_with_eos.to(device),
+        num_turns=torch.tensor([len(ep.replies) for ep in episodes], dtype=torch.long, device=device),
+        seeds=[ep.seed for ep in episodes],
+        queries=[ep.query_text for ep in episodes],
+        replies=[ep.replies for ep in episodes],
+        transcripts=transcripts,
+        infos=[ep.info for ep in episodes],
+    )

@@ -1,0 +1,616 @@
+"""PPO against text environments on `accelerate`: rollout -> score -> advantages -> minibatch epochs.
+
+One update (`PPOTrainer.step`) reads like the algorithm:
+
+    1. rollout    each process plays batch_size / num_processes episodes with the current policy
+    2. score      environment reward and/or reward-model score, minus the missing-EOS penalty
+    3. ref + V    reference log-probabilities and the critic's values of the same tokens
+    4. rewards    per token: score - kl_coef * kl
+    5. advantages GAE with the critic, or group baselines (GRPO / RLOO) over num_generations samples per prompt
+    6. optimise   num_ppo_epochs x num_mini_batches of clipped policy and value losses, clipped gradients
+
+The math lives in `ops`, `advantages`, `kl` and `losses` (pure tensor functions); this module only wires it.
+No Hydra and no W&B here: `config` is any object with `PPOConfig`'s fields and `tracker` anything with
+`log(metrics, step)` and `log_table(key, columns, rows, step)`.
+
+Dropout is left off (models stay in eval mode), as in TRL: the rollout's log-probabilities must be those the
+update recomputes, so the first PPO ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import gymnasium
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from rlhf.ppo.advantages import gae, group_advantages
+from rlhf.ppo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf.ppo.kl import kl_penalty, make_kl_controller
+from rlhf.ppo.losses import policy_loss, value_loss
+from rlhf.ppo.ops import (
+    entropy_from_logits,
+    last_true_index,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+)
+from rlhf.ppo.rollout import EnvFailure, Rollout, position_ids, response_logits, rollout, sequence_logprobs
+
+log = logging.getLogger(__name__)
+
+REWARD_SOURCES = ("env", "model", "both")
+ADVANTAGES = ("gae", "grpo", "rloo")
+SEED_SPACE = 2**31
+"""Training episodes use seeds in [0, 2**31); evaluation uses EVAL_SEED_OFFSET + i, so they never overlap."""
+EVAL_SEED_OFFSET = 2**31
+
+
+def train_episode_seed(seed: int, index: int) -> int:
+    """Seed of the index-th training prompt of a run seeded `seed` (disjoint from evaluation seeds)."""
+    return (seed * 1_000_003 + index) % SEED_SPACE
+
+
+class ValueHead(nn.Module):
+    """Per-token scalars from a sequence-classification model: its backbone's hidden states through its head.
+
+    The critic (values of every prefix) and the reward model (the score at the last real token) both use it.
+    A module of its own so that DDP sees one forward for the critic's gradients.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and mask -> (B, L) float32 values."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        backbone = getattr(base, base.base_model_prefix)
+        head = getattr(base, "score", None) or getattr(base, "classifier", None)
+        if head is None:
+            raise ValueError(
+                f"{type(base).__name__} has no `score` head; use an AutoModelForSequenceClassification"
+            )
+        hidden = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+        ).last_hidden_state  # (B, L, H)
+        return head(hidden).squeeze(-1).float()  # (B, L)
+
+
+class RunningMoments:
+    """Running mean and std of episode scores (for `normalize_scores`); checkpointed with the trainer."""
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        n = x.numel()
+        if n == 0:
+            return
+        mean, var = x.double().mean().item(), x.double().var(unbiased=False).item()
+        total = self.count + n
+        delta = mean - self.mean
+        m2 = self.var * self.count + var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var, self.count = m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 1e-8))
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+class PPOTrainer:
+    """PPO (or GRPO/RLOO-style critic-free PPO) of a causal LM against Gymnasium text environments."""
+
+    def __init__(
+        self,
+        config: Any,
+        policy: nn.Module,
+        tokenizer,
+        make_env: Callable[[], gymnasium.Env],
+        *,
+        output_dir: str | Path,
+        ref_policy: nn.Module | None = None,
+        reward_model: nn.Module | None = None,
+        critic: nn.Module | None = None,
+        accelerator: Accelerator | None = None,
+        seed: int = 0,
+        tracker: Any = None,
+        run_id: str | None = None,
+    ) -> None:
+        """policy: causal LM (a peft model with LoRA); ref_policy: frozen reference (None with LoRA: the policy with
+        its adapters disabled); reward_model, critic: AutoModelForSequenceClassification; make_env: builds one env.
+        """
+        self.cfg = cfg = config
+        self.acc = acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.tokenizer = tokenizer
+        self.output_dir = Path(output_dir)
+        self.tracker = tracker
+        self.run_id = run_id
+        self.seed = seed
+        self._check_config(policy, ref_policy, reward_model, critic)
+        self.local_batch_size = cfg.batch_size // acc.num_processes
+        self.mini_batch_size = self.local_batch_size // cfg.num_mini_batches
+        self.num_updates = cfg.total_episodes // cfg.batch_size
+        self.group_size = cfg.num_generations if cfg.advantage in ("grpo", "rloo") else 1
+        self.stop_token_id = self._stop_token_id()
+        set_seed(seed + acc.process_index)
+
+        # models: the policy (and critic) train; reference and reward model are frozen
+        device = acc.device
+        policy.eval()
+        policy_opt = torch.optim.AdamW(
+            [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, eps=1e-5
+        )
+        self.policy_sched = torch.optim.lr_scheduler.LambdaLR(policy_opt, self._lr_lambda)
+        self.policy, self.policy_opt = acc.prepare(policy, policy_opt)
+        self.value_model = self.critic_opt = self.critic_sched = None
+        if critic is not None and cfg.advantage == "gae":
+            critic.eval()
+            value_model = ValueHead(critic)
+            lr = cfg.critic_learning_rate or cfg.learning_rate
+            critic_opt = torch.optim.AdamW(
+                [p for p in value_model.parameters() if p.requires_grad], lr=lr, eps=1e-5
+            )
+            self.critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, self._lr_lambda)
+            self.value_model, self.critic_opt = acc.prepare(value_model, critic_opt)
+        self.critic = critic if self.value_model is not None else None
+        self.ref_policy = self._freeze(ref_policy, device)
+        self.reward_head = ValueHead(self._freeze(reward_model, device)) if reward_model is not None else None
+        self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
+        self.score_moments = RunningMoments()
+        for obj in (self.policy_sched, self.critic_sched, self.kl_ctl, self.score_moments):
+            if obj is not None:
+                acc.register_for_checkpointing(obj)
+
+        self.envs = [make_env() for _ in range(self.local_batch_size)]
+        self.update = 0
+        self.episodes = 0
+        self._start_time, self._start_episodes = time.perf_counter(), 0
+        self.last_checkpoint: Path | None = None
+        self.history_path = self.output_dir / "history.jsonl"
+
+    # ------------------------------------------------------------------ setup
+    def _check_config(self, policy, ref_policy, reward_model, critic) -> None:
+        cfg, P = self.cfg, self.acc.num_processes
+        if cfg.reward_source not in REWARD_SOURCES:
+            raise ValueError(
+                f"ppo.reward_source={cfg.reward_source!r} is not one of {', '.join(REWARD_SOURCES)}"
+            )
+        if cfg.reward_source in ("model", "both") and reward_model is None:
+            raise ValueError(
+                f"ppo.reward_source={cfg.reward_source} needs a reward model (ppo.reward_model_path)"
+            )
+        if cfg.advantage not in ADVANTAGES:
+            raise ValueError(f"ppo.advantage={cfg.advantage!r} is not one of {', '.join(ADVANTAGES)}")
+        if cfg.advantage == "gae" and critic is None:
+            raise ValueError("ppo.advantage=gae needs a critic; pass one or use ppo.advantage=grpo|rloo")
+        if ref_policy is None and not hasattr(policy, "disable_adapter"):
+            raise ValueError("no reference policy: pass one, or train LoRA adapters (model.lora.r > 0)")
+        if cfg.batch_size % P:
+            raise ValueError(f"ppo.batch_size={cfg.batch_size} must be divisible by the {P} processes")
+        local = cfg.batch_size // P
+        if local % cfg.num_mini_batches:
+            raise ValueError(
+                f"ppo.batch_size / processes = {local} must be divisible by ppo.num_mini_batches={cfg.num_mini_batches}"
+            )
+        if cfg.advantage in ("grpo", "rloo") and (cfg.num_generations < 2 or local % cfg.num_generations):
+            raise ValueError(
+                f"ppo.advantage={cfg.advantage} needs ppo.num_generations >= 2 dividing the per-process batch {local}"
+            )
+        if cfg.total_episodes < cfg.batch_size:
+            raise ValueError(
+                f"ppo.total_episodes={cfg.total_episodes} must be >= ppo.batch_size={cfg.batch_size}"
+            )
+        if not cfg.temperature > 0:
+            raise ValueError(f"ppo.temperature must be > 0 for PPO sampling, got {cfg.temperature}")
+
+    def _stop_token_id(self) -> int | None:
+        stop = self.cfg.stop_token
+        if stop is None:
+            return None
+        if stop == "eos":
+            return self.tokenizer.eos_token_id
+        token_id = self.tokenizer.convert_tokens_to_ids(stop)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(
+                f"ppo.stop_token={stop!r} is not a token of the policy's tokenizer; use eos or null"
+            )
+        return token_id
+
+    def _lr_lambda(self, update: int) -> float:
+        """Linear decay to 0 over the run, stepped once per update."""
+        return max(0.0, 1.0 - update / self.num_updates)
+
+    @staticmethod
+    def _freeze(model: nn.Module | None, device: torch.device) -> nn.Module | None:
+        if model is None:
+            return None
+        model.to(device).eval()
+        model.requires_grad_(False)
+        return model
+
+    @property
+    def unwrapped_policy(self) -> nn.Module:
+        return self.acc.unwrap_model(self.policy)
+
+    @property
+    def unwrapped_critic(self) -> nn.Module | None:
+        return None if self.value_model is None else self.acc.unwrap_model(self.value_model).model
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, max_updates: int | None = None) -> dict[str, float]:
+        """Run updates until total_episodes (or `max_updates` more); resume from the last checkpoint first.
+
+        Returns the last update's metrics.
+        """
+        if self.update == 0 and not (self.cfg.resume and self.resume()) and self.acc.is_main_process:
+            self.history_path.unlink(missing_ok=True)  # a fresh start: no rows of an earlier run
+        stop = self.num_updates if max_updates is None else min(self.num_updates, self.update + max_updates)
+        bar = tqdm(
+            total=self.num_updates,
+            initial=self.update,
+            desc="ppo",
+            unit="update",
+            disable=not self.acc.is_main_process,
+        )
+        self._start_time, self._start_episodes = time.perf_counter(), self.episodes
+        metrics: dict[str, float] = {}
+        while self.update < stop:
+            try:
+                metrics, ro = self.step()
+            except EnvFailure as e:
+                kept = self.last_checkpoint or latest_checkpoint(self.output_dir)
+                where = (
+                    f"last checkpoint {kept} kept; rerun to resume from it" if kept else "no checkpoint yet"
+                )
+                raise EnvFailure(f"{e} [PPO update {self.update + 1}/{self.num_updates}; {where}]") from e
+            self.update += 1
+            self._record(metrics, ro)
+            bar.update(1)
+            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            save_every = self.cfg.save_every
+            if self.update == self.num_updates or (save_every > 0 and self.update % save_every == 0):
+                self.save()
+        bar.close()
+        return metrics
+
+    def step(self) -> tuple[dict[str, float], Rollout]:
+        """One PPO update on a fresh batch of episodes. Returns the update's metrics and its rollout."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        # 1. rollout: this process's share of the batch, the policy's own tokens kept (token-in/token-out)
+        ro = self._rollout()
+        mask = ro.action_mask  # (B, R)
+        t1 = time.perf_counter()
+        # 2. score: per-token placement of env rewards (turn ends) and/or the reward model's score (last token)
+        token_scores, scores, model_scores = self._score(ro)  # (B, R), (B,), (B,) | None
+        # 3. reference log-probabilities and values of the sampled tokens
+        ref_logprobs = self._ref_logprobs(ro)  # (B, R)
+        values = self._values(ro)  # (B, R)
+        t2 = time.perf_counter()
+        # 4. rewards = score - kl_coef * kl, per token
+        kl = torch.where(mask, kl_penalty(ro.logprobs, ref_logprobs, cfg.kl_estimator), 0.0)  # (B, R)
+        non_score_reward = -self.kl_ctl.value * kl  # (B, R)
+        rewards = token_scores + non_score_reward  # (B, R), zero off the action tokens
+        # 5. advantages and returns
+        advantages, returns = self._advantages(rewards, values, mask)  # (B, R), (B, R)
+        # 6. num_ppo_epochs x num_mini_batches: clipped policy loss, clipped value loss, clipped gradients, step
+        stats = self._optimize(ro, advantages, returns, values)
+        t3 = time.perf_counter()
+
+        k1 = torch.where(mask, ro.logprobs - ref_logprobs, 0.0).sum(1)  # (B,) sequence KL, TRL's objective/kl
+        self.kl_ctl.update(self._mean(k1.mean()), cfg.batch_size)
+        self.policy_sched.step()
+        if self.critic_sched is not None:
+            self.critic_sched.step()
+        self.episodes += cfg.batch_size
+        local = {
+            "objective/kl": k1.mean(),
+            "objective/entropy": (-ro.logprobs).sum(1).mean(),
+            "objective/non_score_reward": non_score_reward.sum(1).mean(),
+            "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean(),
+            "objective/scores": scores.mean(),
+            "env/gold": ro.env_rewards.mean(),
+            "val/num_eos_tokens": ro.ended_with_eos.sum(1).float().mean(),
+            "rollout/response_length": ro.response_lengths.float().mean(),
+            "rollout/turns": ro.num_turns.float().mean(),
+        }
+        if model_scores is not None:
+            local["reward/model_score"] = model_scores.mean()
+        success = [info["success"] for info in ro.infos if "success" in info]
+        if len(success) == len(ro):
+            local["env/success_rate"] = torch.tensor(success, dtype=torch.float32).mean()
+        for name, values_ in stats.items():
+            local[name] = torch.stack([v.to(mask.device) for v in values_]).mean()
+        metrics = self._gather_mean(local)
+        elapsed = time.perf_counter() - self._start_time
+        generated = self._mean(ro.response_lengths.float().sum()) * self.acc.num_processes
+        metrics.update(
+            {
+                "objective/kl_coef": self.kl_ctl.value,
+                "lr": self.policy_sched.get_last_lr()[0],
+                "episode": self.episodes,
+                "eps": (self.episodes - self._start_episodes) / max(elapsed, 1e-9),
+                "time/rollout": t1 - t0,
+                "time/score": t2 - t1,
+                "time/update": t3 - t2,
+                "tokens_per_second": generated / max(t1 - t0, 1e-9),
+            }
+        )
+        return metrics, ro
+
+    # ------------------------------------------------------------------ 1. rollout
+    def _rollout(self) -> Rollout:
+        """Episode seeds follow the global episode index: process r plays [r * B_local, (r + 1) * B_local)."""
+        first = self.episodes + self.acc.process_index * self.local_batch_size
+        prompt_index = [(first + j) // self.group_size for j in range(self.local_batch_size)]
+        seeds = [train_episode_seed(self.seed, i) for i in prompt_index]
+        return rollout(
+            self.unwrapped_policy,
+            self.tokenizer,
+            self.envs,
+            seeds,
+            response_length=self.cfg.response_length,
+            temperature=self.cfg.temperature,
+            stop_token_id=self.stop_token_id,
+            forward_batch_size=self.cfg.forward_batch_size,
+        )
+
+    # ------------------------------------------------------------------ 2. score
+    @torch.no_grad()
+    def _score(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Token scores (B, R) on action tokens, their per-episode sums (B,), and the raw reward-model scores."""
+        cfg = self.cfg
+        mask = ro.action_mask
+        token_scores = torch.zeros_like(ro.logprobs)  # (B, R)
+        if cfg.reward_source in ("env", "both"):
+            weight = cfg.env_reward_weight if cfg.reward_source == "both" else 1.0
+            token_scores += weight * ro.turn_rewards
+        model_scores = None
+        if self.reward_head is not None:
+            model_scores = self.reward_model_scores(ro.query_responses, ro.attention_mask)  # (B,)
+            if not torch.isfinite(model_scores).all():
+                raise ValueError(
+                    "the reward model returned NaN/inf scores; check the reward model (training stopped)"
+                )
+        if cfg.reward_source in ("model", "both"):
+            weight = cfg.model_reward_weight if cfg.reward_source == "both" else 1.0
+            last = last_true_index(mask)  # (B,) the episode's last policy token
+            token_scores[torch.arange(len(ro)), last] += weight * model_scores
+        if cfg.missing_eos_penalty is not None and self.stop_token_id is not None:
+            token_scores -= cfg.missing_eos_penalty * (ro.turn_ends & ~ro.turn_eos).float()
+        if cfg.normalize_scores:
+            scores = token_scores.sum(1)
+            self.score_moments.update(self.acc.gather(scores))
+            last = last_true_index(mask)
+            token_scores = token_scores / self.score_moments.std
+            token_scores[torch.arange(len(ro)), last] -= self.score_moments.mean / self.score_moments.std
+        return token_scores, token_scores.sum(1), model_scores
+
+    @torch.no_grad()
+    def reward_model_scores(
+        self, query_responses: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The reward model's score of each whole sequence (at its last real token): (B, L) -> (B,)."""
+        parts = []
+        n = self.cfg.forward_batch_size
+        for i in range(0, query_responses.shape[0], n):
+            am = attention_mask[i : i + n]
+            per_token = self.reward_head(query_responses[i : i + n], am)  # (b, L)
+            parts.append(per_token.gather(1, last_true_index(am)[:, None]).squeeze(1))
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ 3. reference and values
+    @torch.no_grad()
+    def _ref_logprobs(self, ro: Rollout) -> torch.Tensor:
+        """Log-probabilities under the frozen reference; with LoRA, the policy with its adapters disabled."""
+        ref = self.ref_policy
+        context = nullcontext()
+        if ref is None:
+            ref = self.unwrapped_policy
+            context = ref.disable_adapter()
+        with context:
+            logprobs = sequence_logprobs(
+                ref,
+                ro.query_responses,
+                ro.attention_mask,
+                ro.context_length,
+                self.cfg.temperature,
+                self.cfg.forward_batch_size,
+            )
+        return logprobs.masked_fill(~ro.action_mask, 0.0)
+
+    @torch.no_grad()
+    def _values(self, ro: Rollout) -> torch.Tensor:
+        """V(s_t) for each response token t: the critic's output at the position that predicts it. (B, R)."""
+        if self.value_model is None:
+            return torch.zeros_like(ro.logprobs)
+        critic = self.acc.unwrap_model(self.value_model)
+        parts, n = [], self.cfg.forward_batch_size
+        for i in range(0, len(ro), n):
+            v = critic(ro.query_responses[i : i + n], ro.attention_mask[i : i + n])  # (b, Q + R)
+            parts.append(v[:, ro.context_length - 1 : -1])
+        return torch.cat(parts).masked_fill(~ro.action_mask, 0.0)
+
+    # ------------------------------------------------------------------ 5. advantages
+    def _advantages(
+        self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        if cfg.advantage == "gae":
+            if cfg.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+            return advantages, returns
+        # GRPO / RLOO: one advantage per episode from its group's (score - kl) returns, on every action token
+        sequence_reward = rewards.sum(1)  # (B,)
+        adv = group_advantages(sequence_reward, self.group_size, cfg.advantage)  # (B,)
+        advantages = torch.where(mask, adv[:, None].expand_as(rewards), 0.0)
+        return advantages, torch.zeros_like(advantages)
+
+    # ------------------------------------------------------------------ 6. optimise
+    def _optimize(
+        self, ro: Rollout, advantages: torch.Tensor, returns: torch.Tensor, values: torch.Tensor
+    ) -> dict[str, list[torch.Tensor]]:
+        """num_ppo_epochs passes of num_mini_batches shuffled minibatches; stops early above target_kl."""
+        cfg = self.cfg
+        stats: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for _ in range(cfg.num_ppo_epochs):
+            order = torch.randperm(self.local_batch_size).to(ro.query_ids.device)
+            epoch_kl = []
+            for start in range(0, self.local_batch_size, self.mini_batch_size):
+                idx = order[start : start + self.mini_batch_size]
+                mb = self._minibatch_step(ro, idx, advantages[idx], returns[idx], values[idx])
+                for name, value in mb.items():
+                    stats[name].append(value)
+                epoch_kl.append(mb["policy/approxkl_avg"])
+            if cfg.target_kl is not None and self._mean(torch.stack(epoch_kl).mean()) > cfg.target_kl:
+                stats["policy/early_stop"].append(torch.ones(()))
+                break
+        stats.setdefault("policy/early_stop", [torch.zeros(())])
+        return stats
+
+    def _minibatch_step(
+        self,
+        ro: Rollout,
+        idx: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        old_values: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        Q = ro.context_length
+        query_responses, attention_mask = ro.query_responses[idx], ro.attention_mask[idx]
+        mask = ro.action_mask[idx]  # (b, R)
+        logits = response_logits(self.policy, query_responses, attention_mask, Q)  # (b, R, V)
+        logprobs = logprobs_from_logits(logits, query_responses[:, Q:], cfg.temperature)  # (b, R)
+        pg_loss, pg_stats = policy_loss(logprobs, ro.logprobs[idx], advantages, mask, cfg.cliprange)
+        entropy = entropy_from_logits(logits if cfg.ent_coef else logits.detach(), cfg.temperature)  # (b, R)
+        entropy_avg = masked_mean(entropy, mask)
+        loss = pg_loss - cfg.ent_coef * entropy_avg if cfg.ent_coef else pg_loss
+        out = {
+            "loss/policy_avg": pg_loss.detach(),
+            "policy/approxkl_avg": pg_stats["approxkl"],
+            "policy/clipfrac_avg": pg_stats["clipfrac"],
+            "policy/entropy_avg": entropy_avg.detach(),
+            "val/ratio": pg_stats["ratio"],
+        }
+        if self.value_model is not None:
+            vpred = self.value_model(query_responses, attention_mask)[:, Q - 1 : -1]  # (b, R)
+            vf_loss, vf_stats = value_loss(vpred, old_values, returns, mask, cfg.cliprange_value)
+            loss = loss + cfg.vf_coef * vf_loss
+            out.update({"loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_stats["clipfrac"]})
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"PPO loss became {loss.item()} at update {self.update + 1}; lower ppo.learning_rate or check rewards"
+            )
+        self.acc.backward(loss)
+        self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        self.policy_opt.step()
+        self.policy_opt.zero_grad(set_to_none=True)
+        if self.value_model is not None:
+            self.acc.clip_grad_norm_(self.value_model.parameters(), cfg.max_grad_norm)
+            self.critic_opt.step()
+            self.critic_opt.zero_grad(set_to_none=True)
+        return out
+
+    # ------------------------------------------------------------------ metrics, logging, checkpoints
+    def _mean(self, x: torch.Tensor) -> float:
+        """Mean of a local scalar over processes."""
+        return self.acc.reduce(x.detach().float().reshape(1), reduction="mean").item()
+
+    def _gather_mean(self, local: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Average a dict of local scalars over processes in one collective."""
+        names = sorted(local)
+        stacked = torch.stack([local[k].detach().float().reshape(()).to(self.acc.device) for k in names])
+        reduced = self.acc.reduce(stacked, reduction="mean").tolist()
+        return dict(zip(names, reduced))
+
+    def _record(self, metrics: dict[str, float], ro: Rollout) -> None:
+        """history.jsonl every update, the tracker every log_every, a samples table every samples_every."""
+        if not self.acc.is_main_process:
+            return
+        row = {"update": self.update, **metrics}
+        self.history_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.history_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tracker is None:
+            return
+        if self.cfg.log_every > 0 and (
+            self.update % self.cfg.log_every == 0 or self.update == self.num_updates
+        ):
+            self.tracker.log(metrics, step=self.update)
+        if self.cfg.samples_every > 0 and (self.update % self.cfg.samples_every == 0 or self.update == 1):
+            scores = ro.env_rewards.tolist()
+            rows = [[self.update, q, t, s] for q, t, s in zip(ro.queries, ro.transcripts, scores)][:16]
+            self.tracker.log_table(
+                "samples", ["update", "query", "response", "env_reward"], rows, step=self.update
+            )
+
+    def save(self) -> Path:
+        """Write an atomic checkpoint of everything needed to continue exactly (all processes call this)."""
+        critic = self.unwrapped_critic
+        pretrained = {"policy": (self.unwrapped_policy, self.tokenizer)}
+        if critic is not None:
+            pretrained["critic"] = (critic, self.tokenizer)
+        meta = {
+            "episodes": self.episodes,
+            "num_updates": self.num_updates,
+            "batch_size": self.cfg.batch_size,
+            "num_processes": self.acc.num_processes,
+            "seed": self.seed,
+            "wandb_run_id": self.run_id,
+        }
+        self.last_checkpoint = save_checkpoint(self.acc, self.output_dir, self.update, meta, pretrained)
+        return self.last_checkpoint
+
+    def resume(self) -> bool:
+        """Continue from the newest checkpoint in output_dir, if any (weights, optimizers, RNGs, counters)."""
+        checkpoint = latest_checkpoint(self.output_dir)
+        if checkpoint is None:
+            return False
+        meta = load_checkpoint(self.acc, checkpoint)
+        for key, mine in (("batch_size", self.cfg.batch_size), ("num_processes", self.acc.num_processes)):
+            if meta.get(key) != mine:
+                raise ValueError(
+                    f"checkpoint {checkpoint} was written with {key}={meta.get(key)}, this run has {mine}; "
+                    "use the same settings or set ppo.resume=false"
+                )
+        if meta.get("num_updates") != self.num_updates:
+            log.warning(
+                "resuming with %d updates in all (checkpoint: %s)", self.num_updates, meta.get("num_updates")
+            )
+        self.update, self.episodes = int(meta["update"]), int(meta["episodes"])
+        self.run_id = self.run_id or meta.get("wandb_run_id")
+        self.last_checkpoint = checkpoint
+        if self.acc.is_main_process and self.history_path.exists():
+            # updates logged after the checkpoint are redone: drop them from the history
+            lines = [ln for ln in self.history_path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln)["update"] <= self.update]
+            self.history_path.write_text("".join(ln + "\n" for ln in kept))
+        log.info("resumed PPO from %s (update %d/%d)", checkpoint, self.update, self.num_updates)
+        return True

@@ -1,0 +1,163 @@
+"""Evaluate stage: the SFT and PPO policies on held-out environment episodes, side by side.
+
+For each policy available (`sft` and `ppo`, from upstream, from `ppo.policy_path`, or from `<run dir>/<stage>`),
+`evaluate.num_prompts` episodes with seeds disjoint from PPO's training seeds report:
+
+    <policy>/gold_reward      the environment's reward (ground truth), mean per episode
+    <policy>/proxy_reward     the reward model's score (what PPO may have optimised), when a reward model exists
+    <policy>/kl               KL(policy || reference) per episode (sum over the reply tokens, k1 estimate on its own
+                              samples; the reference is the SFT policy), 0 for the SFT policy itself
+    <policy>/response_length  policy tokens per episode
+    <policy>/success_rate     share of successful episodes, for environments that report `info["success"]`
+
+plus `gold_reward_gain` = ppo - sft. Both policies play the same episodes (same seeds) with the same sampling
+seed. A short before/after table goes to the console; a samples table to W&B; everything to `eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from accelerate import PartialState
+
+from rlhf.config import RLHFConfig
+from rlhf.models import (
+    check_tokenizers_match,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    resolve_device,
+)
+from rlhf.stages.base import StageContext, StageResult
+from rlhf.stages.ppo import model_input
+
+log = logging.getLogger("rlhf")
+
+POLICIES = ("sft", "ppo")
+
+
+def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
+    from envs import make
+    from rlhf.ppo.trainer import EVAL_SEED_OFFSET, ValueHead
+
+    e = cfg.evaluate
+    if e.num_prompts < 1 or e.batch_size < 1:
+        raise ValueError("evaluate.num_prompts and evaluate.batch_size must be >= 1")
+    paths = {
+        "sft": model_input(ctx, cfg.ppo.policy_path, "sft", "ppo.policy_path", required=False),
+        "ppo": model_input(ctx, None, "ppo", "", required=False),
+    }
+    paths = {name: path for name, path in paths.items() if path is not None}
+    if not paths:
+        raise ValueError(
+            "nothing to evaluate: run the sft and/or ppo stage first, or set ppo.policy_path=<model dir>"
+        )
+    reward_path = model_input(
+        ctx, cfg.ppo.reward_model_path, "reward", "ppo.reward_model_path", required=False
+    )
+    device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(next(iter(paths.values())))
+    reward_head = None
+    if reward_path is not None:
+        check_tokenizers_match(
+            tokenizer, load_tokenizer(reward_path), f"evaluate: policy and reward model {reward_path}"
+        )
+        reward_head = ValueHead(load_reward_model(reward_path, cfg.model.dtype).to(device).eval())
+    reference = (
+        load_causal_lm(paths.get("sft", next(iter(paths.values()))), cfg.model.dtype).to(device).eval()
+    )
+    envs = [make(cfg.task.env_id) for _ in range(min(e.batch_size, e.num_prompts))]
+    seeds = [EVAL_SEED_OFFSET + i for i in range(e.num_prompts)]
+
+    metrics: dict[str, float] = {}
+    samples: list[list] = []
+    for name, path in paths.items():
+        check_tokenizers_match(tokenizer, load_tokenizer(path), f"evaluate: {name} policy {path}")
+        policy = reference if name == "sft" else load_causal_lm(path, cfg.model.dtype).to(device)
+        torch.manual_seed(ctx.seed)  # the same sampling noise for every policy
+        result = evaluate_policy(cfg, policy.eval(), reference, reward_head, tokenizer, envs, seeds)
+        metrics.update({f"{name}/{k}": v for k, v in result.pop("metrics").items()})
+        samples += [[name, *row] for row in result["rows"][: e.num_samples]]
+    if "sft/gold_reward" in metrics and "ppo/gold_reward" in metrics:
+        metrics["gold_reward_gain"] = metrics["ppo/gold_reward"] - metrics["sft/gold_reward"]
+
+    if not PartialState().is_main_process:  # under torchrun every process evaluates; one reports
+        return StageResult(artifact=ctx.output_dir, metrics=metrics)
+    table = format_table(metrics)
+    log.info("[evaluate] %d held-out episodes of %s\n%s", e.num_prompts, cfg.task.env_id, table)
+    print(table, flush=True)
+    ctx.tracker.log(metrics, step=0)
+    ctx.tracker.log_table("evaluate/samples", ["policy", "query", "response", "gold", "proxy"], samples)
+    (ctx.output_dir / "eval.json").write_text(
+        json.dumps(
+            {"metrics": metrics, "paths": paths, "reward_model": reward_path, "samples": samples}, indent=1
+        )
+    )
+    return StageResult(artifact=ctx.output_dir, metrics=metrics)
+
+
+@torch.no_grad()
+def evaluate_policy(cfg: RLHFConfig, policy, reference, reward_head, tokenizer, envs, seeds) -> dict:
+    """Play every seed once with `policy`; gold, proxy, KL to `reference`, lengths, sample rows."""
+    from rlhf.ppo.ops import last_true_index
+    from rlhf.ppo.rollout import rollout, sequence_logprobs
+
+    e = cfg.evaluate
+    stop = tokenizer.eos_token_id if cfg.ppo.stop_token == "eos" else None
+    if cfg.ppo.stop_token not in (None, "eos"):
+        stop = tokenizer.convert_tokens_to_ids(cfg.ppo.stop_token)
+    temperature = e.temperature if e.temperature > 0 else 1.0
+    gold, proxy, kl, length, success, rows = [], [], [], [], [], []
+    for start in range(0, len(seeds), len(envs)):
+        batch_seeds = seeds[start : start + len(envs)]
+        ro = rollout(
+            policy,
+            tokenizer,
+            envs[: len(batch_seeds)],
+            batch_seeds,
+            response_length=cfg.ppo.response_length,
+            temperature=e.temperature,
+            stop_token_id=stop,
+            forward_batch_size=cfg.ppo.forward_batch_size,
+        )
+        ref = sequence_logprobs(
+            reference, ro.query_responses, ro.attention_mask, ro.context_length, temperature
+        )
+        kl.append(torch.where(ro.action_mask, ro.logprobs - ref, 0.0).sum(1))
+        gold.append(ro.env_rewards)
+        length.append(ro.response_lengths.float())
+        success += [float(info["success"]) for info in ro.infos if "success" in info]
+        scores = torch.full((len(ro),), float("nan"))
+        if reward_head is not None:
+            scores = reward_head(ro.query_responses, ro.attention_mask)
+            scores = scores.gather(1, last_true_index(ro.attention_mask)[:, None]).squeeze(1)
+            proxy.append(scores)
+        rows += [
+            [q, t, g, s]
+            for q, t, g, s in zip(ro.queries, ro.transcripts, ro.env_rewards.tolist(), scores.tolist())
+        ]
+    metrics = {
+        "gold_reward": torch.cat(gold).mean().item(),
+        "kl": torch.cat(kl).mean().item(),
+        "response_length": torch.cat(length).mean().item(),
+    }
+    if proxy:
+        metrics["proxy_reward"] = torch.cat(proxy).mean().item()
+    if len(success) == len(seeds):
+        metrics["success_rate"] = sum(success) / len(success)
+    return {"metrics": metrics, "rows": rows}
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """A markdown before/after table: one row per quantity, one column per policy."""
+    names = [n for n in POLICIES if any(k.startswith(f"{n}/") for k in metrics)]
+    quantities = list(dict.fromkeys(k.split("/", 1)[1] for k in metrics if "/" in k))
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for q in quantities:
+        cells = [f"{metrics[f'{n}/{q}']:.4f}" if f"{n}/{q}" in metrics else "" for n in names]
+        lines.append(f"| {q} | " + " | ".join(cells) + " |")
+    if "gold_reward_gain" in metrics:
+        lines.append(f"| gold_reward_gain | {'':s} | {metrics['gold_reward_gain']:+.4f} |")
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""PPO stage: train the SFT policy against the task's environment with `rlhf.ppo.trainer.PPOTrainer`.
+
+Inputs come from the upstream stages (policy and reference from `sft`, reward model from `reward`) or from
+`ppo.policy_path` / `ppo.reward_model_path`, so PPO also runs alone on a user's own models. Writes the final
+policy (`save_pretrained`, LoRA merged, with its tokenizer) at `ctx.output_dir`, the critic at
+`ctx.output_dir/critic`, `history.jsonl` (metrics per update), checkpoints under `ctx.output_dir/checkpoints`,
+and a plot of reward and KL over updates at `<run dir>/ppo_curves.png`.
+
+Resume: with `ppo.resume=true` (default) a rerun in the same run directory continues from the newest checkpoint.
+The pipeline should start the stage's W&B run with `rlhf.ppo.checkpoint.read_resume_run_id(run_dir / "ppo")`
+so that the resumed stage logs into the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from rlhf.config import RLHFConfig
+from rlhf.models import (
+    check_tokenizers_match,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    merge_lora,
+    resolve_device,
+)
+from rlhf.stages.base import StageContext, StageResult
+
+log = logging.getLogger("rlhf")
+
+PLOT_NAME = "ppo_curves.png"
+SUMMARY_KEYS = (
+    "objective/scores",
+    "objective/kl",
+    "objective/rlhf_reward",
+    "env/gold",
+    "env/success_rate",
+    "reward/model_score",
+    "rollout/response_length",
+)
+
+
+def model_input(
+    ctx: StageContext, explicit: str | None, stage: str, key: str, required: bool = True
+) -> str | None:
+    """A model location: the explicit config path, else the upstream stage's artifact, else `<run dir>/<stage>`."""
+    if explicit:
+        return explicit
+    if stage in ctx.upstream:
+        return str(ctx.upstream[stage].artifact)
+    previous = ctx.run_dir / stage
+    if (previous / "config.json").exists():
+        return str(previous)
+    if required:
+        raise ValueError(
+            f"no {stage} model: run the {stage} stage first (stages=[{stage},...]) or set {key}=<model dir>"
+        )
+    return None
+
+
+def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
+    from envs import make
+    from rlhf.ppo.trainer import PPOTrainer
+
+    p = cfg.ppo
+    if p.critic_init not in ("reward", "sft"):
+        raise ValueError(f"ppo.critic_init={p.critic_init!r} is not one of reward, sft")
+    policy_path = model_input(ctx, p.policy_path, "sft", "ppo.policy_path")
+    reward_path = model_input(ctx, p.reward_model_path, "reward", "ppo.reward_model_path", required=False)
+    if reward_path is None and p.reward_source in ("model", "both"):
+        raise ValueError(
+            f"ppo.reward_source={p.reward_source} needs a reward model: run the reward stage, set "
+            "ppo.reward_model_path=<dir>, or use ppo.reward_source=env"
+        )
+    if reward_path is None and p.advantage == "gae" and p.critic_init == "reward":
+        raise ValueError(
+            "ppo.critic_init=reward needs a reward model: run the reward stage, set ppo.reward_model_path=<dir>, "
+            "or set ppo.critic_init=sft"
+        )
+
+    tokenizer = load_tokenizer(policy_path)
+    if reward_path is not None:
+        check_tokenizers_match(
+            tokenizer,
+            load_tokenizer(reward_path),
+            f"ppo: policy {policy_path} and reward model {reward_path}",
+        )
+    device = resolve_device(cfg.device)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    lora = cfg.model.lora if cfg.model.lora.r > 0 else None
+    policy = load_causal_lm(policy_path, cfg.model.dtype, lora=lora)
+    # with LoRA the reference is the policy with its adapters disabled: no second copy in memory
+    reference = None if lora else load_causal_lm(policy_path, cfg.model.dtype)
+    reward_model = load_reward_model(reward_path, cfg.model.dtype) if reward_path is not None else None
+    critic = None
+    if p.advantage == "gae":
+        critic_path = reward_path if p.critic_init == "reward" else policy_path
+        critic = load_reward_model(critic_path, cfg.model.dtype, lora=lora)
+    log.info(
+        "[ppo] policy %s | reward model %s | critic %s | reward_source=%s advantage=%s",
+        policy_path,
+        reward_path,
+        p.critic_init if critic is not None else "none",
+        p.reward_source,
+        p.advantage,
+    )
+
+    trainer = PPOTrainer(
+        p,
+        policy,
+        tokenizer,
+        lambda: make(cfg.task.env_id),
+        output_dir=ctx.output_dir,
+        ref_policy=reference,
+        reward_model=reward_model,
+        critic=critic,
+        accelerator=accelerator,
+        seed=ctx.seed,
+        tracker=ctx.tracker,
+        run_id=ctx.tracker.run_id,
+    )
+    trainer.train()
+
+    history = read_history(ctx.output_dir)
+    metrics = summarize(history)
+    if accelerator.is_main_process:
+        final = merge_lora(trainer.unwrapped_policy)
+        final.save_pretrained(ctx.output_dir)
+        tokenizer.save_pretrained(ctx.output_dir)
+        if trainer.unwrapped_critic is not None:
+            merge_lora(trainer.unwrapped_critic).save_pretrained(ctx.output_dir / "critic")
+            tokenizer.save_pretrained(ctx.output_dir / "critic")
+        plot = plot_history(history, ctx.run_dir / PLOT_NAME)
+        if plot is not None:
+            ctx.tracker.log_image("ppo/curves", plot)
+    accelerator.wait_for_everyone()
+    return StageResult(artifact=ctx.output_dir, metrics=metrics)
+
+
+def read_history(stage_dir: Path) -> list[dict]:
+    path = Path(stage_dir) / "history.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize(history: list[dict]) -> dict[str, float]:
+    """Stage metrics: each key's mean over the last tenth of the updates (the last one alone is noisy), the first
+    update's gold reward, and the number of updates and episodes."""
+    if not history:
+        return {}
+    tail = history[-max(1, len(history) // 10) :]
+    metrics = {"updates": float(history[-1]["update"]), "episodes": float(history[-1].get("episode", 0))}
+    for key in SUMMARY_KEYS:
+        if key in tail[-1]:
+            metrics[key] = sum(row[key] for row in tail) / len(tail)
+    if "env/gold" in history[0]:
+        metrics["env/gold_first"] = history[0]["env/gold"]
+    return metrics
+
+
+def plot_history(history: list[dict], path: Path) -> Path | None:
+    """Reward (score, gold, proxy) and KL over PPO updates, as a PNG."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    updates = [row["update"] for row in history]
+    fig, (ax_reward, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label, style in (
+        ("objective/scores", "score (trained on)", "-"),
+        ("env/gold", "gold (environment)", "-"),
+        ("reward/model_score", "proxy (reward model)", "--"),
+        ("objective/rlhf_reward", "score - kl_coef * KL", "-"),
+    ):
+        if key in history[0]:
+            ax_reward.plot(updates, [row[key] for row in history], style, label=label)
+    ax_reward.set(xlabel="PPO update", ylabel="mean per episode", title="reward")
+    ax_reward.legend(fontsize=8)
+    ax_kl.plot(updates, [row["objective/kl"] for row in history], color="tab:red")
+    ax_kl.set(xlabel="PPO update", ylabel="nats per episode", title="KL(policy || reference)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

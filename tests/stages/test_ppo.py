@@ -1,0 +1,151 @@
+"""The PPO stage on a tiny model: inputs from upstream or from paths, outputs plain `transformers` can load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlhf.cli import compose
+from rlhf.models import build_tiny_model, load_reward_model, load_tokenizer, prepare_base_model
+from rlhf.ppo.checkpoint import latest_checkpoint, read_resume_run_id
+from rlhf.stages import ppo
+from rlhf.stages.base import StageContext, StageResult
+from rlhf.tokenizer import build_tokenizer
+from rlhf.tracking import null_tracker
+
+FAST = [
+    "logger=none",
+    "ppo.total_episodes=32",
+    "ppo.batch_size=16",
+    "ppo.num_mini_batches=2",
+    "ppo.num_ppo_epochs=1",
+    "ppo.response_length=6",
+    "ppo.save_every=1",
+    "evaluate.num_prompts=32",
+]
+
+
+def models(tmp_path: Path, cfg) -> tuple[Path, Path]:
+    """A tiny policy ("sft") and a reward model with a random head ("reward"), as save_pretrained dirs."""
+    torch.manual_seed(0)
+    sft = prepare_base_model(cfg, tmp_path / "sft")
+    reward = tmp_path / "reward"
+    load_reward_model(sft).save_pretrained(reward)
+    load_tokenizer(sft).save_pretrained(reward)
+    return sft, reward
+
+
+def context(tmp_path: Path, upstream: dict[str, Path]) -> StageContext:
+    out = tmp_path / "ppo"
+    out.mkdir(parents=True, exist_ok=True)
+    return StageContext(
+        run_dir=tmp_path,
+        output_dir=out,
+        seed=0,
+        tracker=null_tracker("ppo"),
+        upstream={k: StageResult(artifact=v) for k, v in upstream.items()},
+    )
+
+
+@pytest.fixture
+def setup(tmp_path):
+    cfg = compose(FAST)
+    sft, reward = models(tmp_path, cfg)
+    return cfg, sft, reward
+
+
+def test_stage_trains_from_upstream_and_saves_loadable_models(tmp_path, setup):
+    cfg, sft, reward = setup
+    result = ppo.run(cfg, context(tmp_path, {"sft": sft, "reward": reward}))
+    assert result.artifact == tmp_path / "ppo"
+    policy = AutoModelForCausalLM.from_pretrained(result.artifact)
+    before = AutoModelForCausalLM.from_pretrained(sft)
+    changed = [k for k, v in policy.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
+    assert changed, "PPO must change the policy"
+    AutoModelForSequenceClassification.from_pretrained(result.artifact / "critic")
+    assert (result.artifact / "tokenizer.json").exists()
+    assert (tmp_path / ppo.PLOT_NAME).stat().st_size > 1000
+    assert (
+        result.metrics["updates"] == 2 and "objective/kl" in result.metrics and "env/gold" in result.metrics
+    )
+    assert latest_checkpoint(result.artifact).name == "checkpoint-000002"
+
+
+def test_stage_runs_alone_on_paths_and_resumes(tmp_path, setup):
+    cfg, sft, reward = setup
+    cfg.ppo.policy_path, cfg.ppo.reward_model_path = str(sft), str(reward)
+    cfg.ppo.total_episodes = 16
+    ctx = context(tmp_path / "alone", {})
+    ppo.run(cfg, ctx)
+    assert read_resume_run_id(ctx.output_dir) is None  # logger=none: no W&B run to continue
+    cfg.ppo.total_episodes = 32  # a longer run in the same directory continues from update 1
+    result = ppo.run(cfg, ctx)
+    rows = ppo.read_history(ctx.output_dir)
+    assert [r["update"] for r in rows] == [1, 2] and result.metrics["updates"] == 2
+
+
+def test_reward_model_with_another_tokenizer_is_refused(tmp_path, setup):
+    cfg, sft, _ = setup
+    other = build_tokenizer(["completely", "different", "words"])
+    model = build_tiny_model(cfg.model, other)
+    bad = tmp_path / "bad_reward"
+    model.save_pretrained(bad)
+    other.save_pretrained(bad)
+    cfg.ppo.reward_model_path = str(bad)
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        ppo.run(cfg, context(tmp_path, {"sft": sft}))
+
+
+def test_missing_inputs_say_what_to_set(tmp_path, setup):
+    cfg, sft, _ = setup
+    with pytest.raises(ValueError, match="ppo.policy_path"):
+        ppo.run(cfg, context(tmp_path / "empty", {}))
+    with pytest.raises(ValueError, match="ppo.reward_model_path"):
+        ppo.run(cfg, context(tmp_path / "nosft", {"sft": sft}))
+
+
+def test_lora_stage_saves_a_merged_plain_model(tmp_path, setup):
+    cfg, sft, reward = setup
+    cfg.model.lora.r = 4
+    cfg.ppo.advantage = "rloo"
+    cfg.ppo.total_episodes = 16
+    result = ppo.run(cfg, context(tmp_path, {"sft": sft, "reward": reward}))
+    policy = AutoModelForCausalLM.from_pretrained(result.artifact)
+    assert not any("lora" in k for k in policy.state_dict())
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_run_the_stage_through_the_cli(tmp_path, setup):
+    """`torchrun --nproc_per_node 2 -m rlhf stages=[ppo]`: two gloo processes share one global batch."""
+    import os
+    import subprocess
+    import sys
+
+    _, sft, reward = setup
+    run_dir = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29541",
+        "-m",
+        "rlhf",
+        "stages=[ppo]",
+        f"hydra.run.dir={run_dir}",
+        f"ppo.policy_path={sft}",
+        f"ppo.reward_model_path={reward}",
+        *[o for o in FAST if not o.startswith("evaluate.")],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[2]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = ppo.read_history(run_dir / "ppo")
+    assert [r["update"] for r in rows] == [1, 2] and rows[-1]["episode"] == 32  # global batch 16 = 2 x 8
+    AutoModelForCausalLM.from_pretrained(run_dir / "ppo")
