@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -38,27 +37,15 @@ def derive_seed(root_seed: int, stage_name: str) -> int:
     return int.from_bytes(digest[:4], "little") % (2**31 - 1)
 
 
-def available_stages() -> list[str]:
-    """Stages whose module exists in this installation."""
-    return [s for s in STAGES if importlib.util.find_spec(f"rlhf.stages.{s}") is not None]
-
-
 def select_stages(cfg: RLHFConfig) -> list[str]:
-    """`cfg.stages` validated and put in pipeline order; stages whose module is not installed are skipped."""
+    """`cfg.stages` validated and put in pipeline order."""
     stages = list(cfg.stages)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"stages: unknown {', '.join(map(str, unknown))}; choose from {', '.join(STAGES)}")
     if not stages:
         raise ValueError(f"stages is empty; choose from {', '.join(STAGES)}")
-    present = available_stages()
-    missing = [s for s in stages if s not in present]
-    if missing:
-        log.warning("stages %s are not available in this installation; skipping them", ", ".join(missing))
-    selected = [s for s in STAGES if s in stages and s in present]
-    if not selected:
-        raise ValueError(f"none of stages={stages} is available; available: {', '.join(present)}")
-    return selected
+    return [s for s in STAGES if s in stages]
 
 
 def validate(cfg: RLHFConfig) -> list[str]:
@@ -236,8 +223,11 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
 
     `run_dir` and `group` default to Hydra's output directory and the run's (or sweep's) name.
     """
+    from accelerate import PartialState
+
     from rlhf.models import prepare_base_model
-    from rlhf.tracking import start_stage
+    from rlhf.ppo.checkpoint import read_resume_run_id
+    from rlhf.tracking import null_tracker, start_stage
 
     job_num = None
     if run_dir is None:
@@ -245,13 +235,15 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
         group = group or hydra_group
     run_dir = Path(run_dir).resolve()
     group = group or _group_name(run_dir)
+    process = PartialState()  # one process, or one of several under torchrun / accelerate launch
     try:
         stages = validate(cfg)
         check_writable(run_dir)
         from transformers import set_seed  # heavy: only once the input is known to be good
 
         set_seed(derive_seed(cfg.seed, BASE))
-        base = prepare_base_model(cfg, run_dir / BASE)
+        with process.main_process_first():  # one process builds the tiny base model, the others load it
+            base = prepare_base_model(cfg, run_dir / BASE)
     except ValueError as e:
         raise InputError(str(e)) from e
     threads = set_threads(cfg)
@@ -270,7 +262,11 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
     for i, stage in enumerate(stages):
         module = importlib.import_module(f"rlhf.stages.{stage}")
         name = f"{group}-{job_num}-{stage}" if job_num is not None else f"{group}-{stage}"
-        tracker = start_stage(cfg, stage, run_dir, group, name=name)
+        if process.is_main_process:
+            resume_id = read_resume_run_id(run_dir / stage) if stage == "ppo" and cfg.ppo.resume else None
+            tracker = start_stage(cfg, stage, run_dir, group, resume_id=resume_id, name=name)
+        else:  # only the main process tracks and writes the summary; the others train
+            tracker = null_tracker(stage)
         ctx = StageContext(
             run_dir=run_dir,
             output_dir=run_dir / stage,
@@ -295,8 +291,11 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
         tracker.finish()
         results[stage] = result
         wandb_runs[stage] = tracker.run_id
-        path = write_summary(run_dir, results, wandb_runs)
+        if process.is_main_process:
+            write_summary(run_dir, results, wandb_runs)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, int | float))
         log.info("stage %s done in %.1fs: %s", stage, result.seconds, shown)
+    process.wait_for_everyone()
+    path = run_dir / "summary.json"
     log.info("summary: %s", path)
     return json.loads(path.read_text())

@@ -12,7 +12,11 @@ from rlhf.cli import CONF_DIR, compose
 from rlhf.config import STAGES, RLHFConfig
 from rlhf.pipeline import InputError, run, select_stages, validate
 
-GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and not p.name.startswith("_"))
+GROUPS = sorted(
+    p.name
+    for p in Path(CONF_DIR).iterdir()
+    if p.is_dir() and not p.name.startswith("_") and p.name != "experiment"  # presets: tested below
+)
 
 
 def options(group: str) -> list[str]:
@@ -37,9 +41,13 @@ def test_every_group_option_composes(group, option):
     assert not OmegaConf.missing_keys(cfg)
 
 
-def test_experiment_configs_compose_if_any():
-    for name in options("experiment") if (Path(CONF_DIR) / "experiment").is_dir() else []:
-        compose([f"+experiment={name}"])
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_presets_set_task_and_ppo(name):
+    cfg = compose([f"experiment={name}"])
+    task = OmegaConf.load(Path(CONF_DIR) / "task" / f"{name}.yaml")
+    assert cfg.task.env_id == task.env_id
+    expected_source = "model" if name == "review" else "env"  # verifiable tasks train on the env's reward
+    assert cfg.ppo.reward_source == expected_source
 
 
 @pytest.mark.parametrize(
