@@ -225,7 +225,7 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
     """
     from accelerate import PartialState
 
-    from rlhf.models import prepare_base_model
+    from rlhf.models import prepare_base_model, resolve_device
     from rlhf.ppo.checkpoint import read_resume_run_id
     from rlhf.tracking import null_tracker, start_stage
 
@@ -235,9 +235,10 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
         group = group or hydra_group
     run_dir = Path(run_dir).resolve()
     group = group or _group_name(run_dir)
-    process = PartialState()  # one process, or one of several under torchrun / accelerate launch
     try:
         stages = validate(cfg)
+        # one process, or one of several under torchrun / accelerate launch (gloo on CPU, NCCL on GPUs)
+        process = PartialState(cpu=resolve_device(cfg.device).type == "cpu")
         check_writable(run_dir)
         from transformers import set_seed  # heavy: only once the input is known to be good
 
