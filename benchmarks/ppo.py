@@ -30,11 +30,11 @@ CASES = {
     # name: (overrides, check(metrics, seconds) -> (ok, target text))
     "review": ([], lambda m, s: (m["gold_reward_gain"] >= 0.15 and s <= 300, "gain >= 0.15, <= 300 s")),
     "arithmetic": (
-        ["task=arithmetic", "ppo=arithmetic"],
+        ["experiment=arithmetic"],
         lambda m, s: (m["gold_reward_gain"] >= 0.2, "gain >= 0.2"),
     ),
     "guess": (
-        ["task=guess", "ppo=guess"],
+        ["experiment=guess"],
         lambda m, s: (m["ppo/success_rate"] > m["sft/success_rate"], "success ppo > sft"),
     ),
 }
