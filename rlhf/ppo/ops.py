@@ -93,6 +93,17 @@ def _rows_per_chunk(vocab: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(1, vocab))
 
 
+def _log_softmax_chunks(flat_logits: torch.Tensor, temperature: float, dtype: torch.dtype):
+    """Yield (row slice, log_softmax of those rows / temperature) over (N, V) logits, a bounded chunk at a time."""
+    step = _rows_per_chunk(flat_logits.shape[-1])
+    for start in range(0, flat_logits.shape[0], step):
+        rows = slice(start, start + step)
+        chunk = flat_logits[rows].to(dtype)
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        yield rows, torch.log_softmax(chunk, dim=-1)  # (n, V)
+
+
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -120,15 +131,10 @@ def logprobs_from_logits(
     flat_logits = logits.reshape(-1, vocab)  # (N, V)
     flat_tokens = tokens.reshape(-1, 1).long()  # (N, 1)
     out_dtype = torch.promote_types(logits.dtype, torch.float32)
-    parts = []
-    rows = _rows_per_chunk(vocab)
-    for start in range(0, flat_logits.shape[0], rows):
-        chunk = flat_logits[start : start + rows].to(out_dtype)
-        if temperature != 1.0:
-            chunk = chunk / temperature
-        logp = torch.log_softmax(chunk, dim=-1)  # (n, V)
-        idx = flat_tokens[start : start + rows]
-        parts.append(logp.gather(-1, idx).squeeze(-1))  # (n,)
+    parts = [
+        logp.gather(-1, flat_tokens[rows]).squeeze(-1)  # (n,)
+        for rows, logp in _log_softmax_chunks(flat_logits, temperature, out_dtype)
+    ]
     if not parts:
         return torch.zeros(tokens.shape, dtype=out_dtype, device=logits.device)
     return torch.cat(parts).reshape(tokens.shape)
@@ -146,12 +152,7 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     flat_logits = logits.reshape(-1, vocab)  # (N, V)
     out_dtype = torch.promote_types(logits.dtype, torch.float32)
     parts = []
-    rows = _rows_per_chunk(vocab)
-    for start in range(0, flat_logits.shape[0], rows):
-        chunk = flat_logits[start : start + rows].to(out_dtype)
-        if temperature != 1.0:
-            chunk = chunk / temperature
-        logp = torch.log_softmax(chunk, dim=-1)  # (n, V)
+    for _, logp in _log_softmax_chunks(flat_logits, temperature, out_dtype):
         p = logp.exp()
         logp = logp.masked_fill(torch.isneginf(logp), 0.0)  # 0 * -inf would be NaN
         parts.append(-(p * logp).sum(-1))  # (n,)
