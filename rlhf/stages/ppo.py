@@ -7,8 +7,8 @@ policy (`save_pretrained`, LoRA merged, with its tokenizer) at `ctx.output_dir`,
 and a plot of reward and KL over updates at `<run dir>/ppo_curves.png`.
 
 Resume: with `ppo.resume=true` (default) a rerun in the same run directory continues from the newest checkpoint.
-The pipeline should start the stage's W&B run with `rlhf.ppo.checkpoint.read_resume_run_id(run_dir / "ppo")`
-so that the resumed stage logs into the same run.
+The pipeline starts the stage's W&B run with `rlhf.ppo.checkpoint.read_resume_run_id(run_dir / "ppo")`, so the
+resumed stage logs into the same run.
 """
 
 from __future__ import annotations
