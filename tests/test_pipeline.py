@@ -94,3 +94,19 @@ def test_a_later_invocation_reuses_finished_stages(tmp_path, caplog):
     assert list(second["stages"]) == ["sft", "reward"]
     assert second["stages"]["sft"] == first["stages"]["sft"]  # kept as it was
     assert f"pairs from {tmp_path / 'sft'}" in caplog.text  # the reward model started from that SFT output
+
+
+def test_a_resumed_ppo_stage_continues_its_wandb_run(tmp_path):
+    """Rerunning PPO in the same run dir resumes from its checkpoint and logs into the same offline W&B run."""
+    ppo = ["ppo.batch_size=16", "ppo.num_mini_batches=2", "ppo.num_ppo_epochs=1", "ppo.response_length=4"]
+    ppo += ["ppo.save_every=1"]
+    run_dir = tmp_path / "run"
+    first = run(compose([*TINY, "stages=[sft,reward,ppo]", *ppo, "ppo.total_episodes=32"]), run_dir=run_dir)
+    second = run(compose([*TINY, "stages=[ppo]", *ppo, "ppo.total_episodes=64"]), run_dir=run_dir)
+    run_id = first["stages"]["ppo"]["wandb_run"]
+    assert run_id and second["stages"]["ppo"]["wandb_run"] == run_id
+    assert second["stages"]["ppo"]["metrics"]["updates"] == 4
+    history = [json.loads(line) for line in (run_dir / "ppo" / "history.jsonl").read_text().splitlines()]
+    assert [row["update"] for row in history] == [1, 2, 3, 4]  # updates 1-2 kept, 3-4 added: no restart
+    runs = [r for r in map(read_offline_run, find_offline_runs(run_dir)) if r["run"]["job_type"] == "ppo"]
+    assert {r["run"]["id"] for r in runs} == {run_id}
