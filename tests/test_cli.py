@@ -104,11 +104,17 @@ def test_multirun_basic_launcher(tmp_path):
 
 
 @pytest.mark.slow
-def test_multirun_joblib_launcher(tmp_path):
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+        ["hydra/launcher=submitit_local"],  # the same plugin as hydra/launcher=submitit_slurm on a cluster
+    ],
+)
+def test_multirun_parallel_launchers(tmp_path, launcher):
     rlhf(
         "-m",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
+        *launcher,
         "stages=[sft]",
         "sft.learning_rate=1e-3,3e-3",
         "hydra.sweep.dir=sweep",
