@@ -7,6 +7,7 @@ Each field is documented once, in the docstring line under it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
