@@ -65,7 +65,8 @@ def test_sft_then_reward_with_wandb(tmp_path):
     # TRL's trainers logged into the stage's run, once per logging step
     assert len(history_values(runs["sft"], "train/loss")) >= 3
     assert history_values(runs["sft"], "eval/loss")
-    assert any(row.get("samples/_type") == "table-file" for row in runs["sft"]["history"])
+    for name in ("sft", "reward"):  # each stage logs a samples table
+        assert any(row.get("samples/_type") == "table-file" for row in runs[name]["history"])
     assert history_values(runs["reward"], "eval/accuracy")[-1] == stages["reward"]["metrics"]["eval/accuracy"]
     assert runs["reward"]["summary"]["eval/accuracy"] == stages["reward"]["metrics"]["eval/accuracy"]
 

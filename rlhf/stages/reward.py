@@ -83,6 +83,15 @@ def gold_accuracy(cfg: RLHFConfig, pairs: Dataset, margins: list[float]) -> floa
     return hits / total if total else None
 
 
+def log_pair_samples(ctx: StageContext, pairs: Dataset, margins: list[float], n: int = 8) -> None:
+    """A samples table of held-out pairs with the trained model's score margin (> 0: chosen ranked higher)."""
+    rows = [
+        [str(row["prompt"]), str(row["chosen"]), str(row["rejected"]), margin]
+        for row, margin in zip(pairs.select(range(min(n, len(pairs)))), margins)
+    ]
+    ctx.tracker.log_table("samples", ["prompt", "chosen", "rejected", "score_margin"], rows)
+
+
 def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
     from trl import RewardConfig, RewardTrainer
 
@@ -114,6 +123,7 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
             gold = gold_accuracy(cfg, evals, margins)
             if gold is not None:
                 metrics["eval/gold_accuracy"] = gold
+            log_pair_samples(ctx, evals, margins)
         final = {
             k: v for k, v in metrics.items() if k in ("eval/accuracy", "eval/margin", "eval/gold_accuracy")
         }
