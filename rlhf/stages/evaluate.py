@@ -87,7 +87,6 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
         return StageResult(artifact=ctx.output_dir, metrics=metrics)
     table = format_table(metrics)
     log.info("[evaluate] %d held-out episodes of %s\n%s", e.num_prompts, cfg.task.env_id, table)
-    print(table, flush=True)
     ctx.tracker.log(metrics, step=0)
     ctx.tracker.log_table("evaluate/samples", ["policy", "query", "response", "gold", "proxy"], samples)
     (ctx.output_dir / "eval.json").write_text(
