@@ -32,9 +32,12 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+## Every benchmark in BENCHMARKS.md (about 30 minutes on an idle 2-core machine).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/env_steps.py
-	$(BIN)/python benchmarks/sft_reward.py
+	$(BIN)/python benchmarks/env_steps.py --seconds 2 --num-envs 64
+	$(BIN)/python benchmarks/sft_reward.py --repeats 3
+	bash benchmarks/setup_peer.sh
+	$(BIN)/python benchmarks/ppo_vs_trl.py --updates 8 --repeats 3
 	$(BIN)/python benchmarks/ppo.py
 
 clean:
