@@ -152,3 +152,34 @@ def test_default_run_meets_the_product_targets(tmp_path):
     assert history_values(runs["reward"], "eval/accuracy")[-1] == accuracy
     assert len(history_values(runs["sft"], "train/loss")) >= 10
     assert len(history_values(runs["ppo"], "objective/kl")) == 64
+
+
+def test_the_readme_environment_trains_from_the_users_own_package(tmp_path):
+    """The README's "Write your own reward environment" example, copied into a package outside this repository,
+    runs through every stage selected as `task.env_id=my_pkg.echo:Echo-v0`."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index('"""my_pkg/echo.py')
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "echo.py").write_text(readme[start : readme.index("```", start)])
+    small_ppo = [
+        "ppo.total_episodes=32",
+        "ppo.batch_size=16",
+        "ppo.num_mini_batches=2",
+        "ppo.response_length=4",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run(
+        [RLHF, "task.env_id=my_pkg.echo:Echo-v0", "ppo.reward_source=env", "logger=none", "hydra.run.dir=out"]
+        + [*TINY, *small_ppo, "evaluate.num_prompts=32"],
+        cwd=tmp_path,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["stages"]
+    assert list(summary) == ["sft", "reward", "ppo", "evaluate"]
+    assert 0.0 <= summary["evaluate"]["metrics"]["ppo/gold_reward"] <= 1.0
+    assert summary["ppo"]["metrics"]["updates"] == 2

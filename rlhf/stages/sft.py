@@ -139,12 +139,7 @@ def sample_rows(
     rows = []
     for prompt, completion in zip(prompts, completions):
         text = prompt if isinstance(prompt, str) else prompt[0]["content"]
-        gold = (
-            gold_cls.gold_reward(text, completion)
-            if gold_cls is not None and isinstance(prompt, str)
-            else None
-        )
-        rows.append([text, completion, gold])
+        rows.append([text, completion, _gold(gold_cls, prompt, completion)])
     golds = [r[2] for r in rows if r[2] is not None]
     return rows, (sum(golds) / len(golds) if golds else None)
 
@@ -192,6 +187,16 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
     tokenizer.save_pretrained(ctx.output_dir)
     shutil.rmtree(ctx.output_dir / "trainer", ignore_errors=True)
     return StageResult(artifact=ctx.output_dir, metrics=metrics)
+
+
+def _gold(env_cls, prompt, completion: str) -> float | None:
+    """The task's gold reward of a single-turn sample; None for dialogues and environments without one."""
+    if env_cls is None or not isinstance(prompt, str):
+        return None
+    try:
+        return env_cls.gold_reward(prompt, completion)
+    except NotImplementedError:  # a user's environment need not define an offline gold reward
+        return None
 
 
 def _steps(trainer) -> int:
