@@ -10,6 +10,7 @@ A held-out split of `task.eval_fraction` is carved off unless the dataset brings
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -122,43 +123,57 @@ def _task_class(cfg: RLHFConfig):
 
 def sft_splits(cfg: RLHFConfig, seed: int) -> tuple[Dataset, Dataset | None]:
     """SFT data (train, eval): `sft.dataset` when set, else `task.num_demonstrations` of the task's demonstrations."""
-    from datasets import Dataset
-
-    if cfg.sft.dataset:
-        train, test = load_user_dataset(cfg.sft.dataset, "sft.dataset")
-        check_sft_columns(train, "sft.dataset")
-    else:
-        rows = _task_class(cfg).demonstrations(cfg.task.num_demonstrations, seed)
-        train, test = Dataset.from_list(rows), None
-        check_sft_columns(train, f"{cfg.task.env_id} demonstrations")
-    if "prompt" in train.column_names and "completion" in train.column_names:
-        train = train.map(join_spacing, fn_kwargs={"continuations": ("completion",)})
-        test = (
-            test.map(join_spacing, fn_kwargs={"continuations": ("completion",)}) if test is not None else None
-        )
-    if test is not None:
-        return train.shuffle(seed=seed), test
-    return split(train, cfg.task.eval_fraction, seed)
+    return _splits(
+        cfg,
+        seed,
+        user_dataset=cfg.sft.dataset,
+        key="sft.dataset",
+        task_rows=lambda: _task_class(cfg).demonstrations(cfg.task.num_demonstrations, seed),
+        what="demonstrations",
+        check=check_sft_columns,
+        continuations=("completion",),
+    )
 
 
 def preference_splits(cfg: RLHFConfig, seed: int) -> tuple[Dataset, Dataset | None]:
     """Preference pairs (train, eval): `reward.dataset` when set, else `task.num_preferences` task pairs."""
+    return _splits(
+        cfg,
+        seed,
+        user_dataset=cfg.reward.dataset,
+        key="reward.dataset",
+        task_rows=lambda: _task_class(cfg).preferences(cfg.task.num_preferences, seed),
+        what="preferences",
+        check=check_preference_columns,
+        continuations=PREFERENCE_COLUMNS,
+    )
+
+
+def _splits(
+    cfg: RLHFConfig,
+    seed: int,
+    *,
+    user_dataset: str | None,
+    key: str,
+    task_rows: Callable[[], list[dict]],
+    what: str,
+    check: Callable[[Dataset, str], None],
+    continuations: tuple[str, ...],
+) -> tuple[Dataset, Dataset | None]:
+    """(train, eval) from the user's dataset (its own test split when it has one) or from the task's offline data,
+    with the continuation columns' leading space normalised and `task.eval_fraction` held out."""
     from datasets import Dataset
 
-    if cfg.reward.dataset:
-        train, test = load_user_dataset(cfg.reward.dataset, "reward.dataset")
-        check_preference_columns(train, "reward.dataset")
+    if user_dataset:
+        train, test = load_user_dataset(user_dataset, key)
+        check(train, key)
     else:
-        rows = _task_class(cfg).preferences(cfg.task.num_preferences, seed)
-        train, test = Dataset.from_list(rows), None
-        check_preference_columns(train, f"{cfg.task.env_id} preferences")
-    if "prompt" in train.column_names:
-        train = train.map(join_spacing, fn_kwargs={"continuations": PREFERENCE_COLUMNS})
-        test = (
-            test.map(join_spacing, fn_kwargs={"continuations": PREFERENCE_COLUMNS})
-            if test is not None
-            else None
-        )
+        train, test = Dataset.from_list(task_rows()), None
+        check(train, f"{cfg.task.env_id} {what}")
+    if "prompt" in train.column_names and set(continuations) <= set(train.column_names):
+        train = train.map(join_spacing, fn_kwargs={"continuations": continuations})
+        if test is not None:
+            test = test.map(join_spacing, fn_kwargs={"continuations": continuations})
     if test is not None:
         return train.shuffle(seed=seed), test
     return split(train, cfg.task.eval_fraction, seed)
