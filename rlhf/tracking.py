@@ -17,6 +17,7 @@ import math
 import os
 import re
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -300,14 +301,26 @@ def find_offline_runs(run_dir: str | Path) -> list[Path]:
     return sorted({p.parent for p in Path(run_dir).rglob("*.wandb")}, key=lambda p: p.name)
 
 
-def read_offline_run(run_dir_of_wandb: str | Path) -> dict[str, Any]:
+def _finished_records(path: Path, wait_seconds: float) -> list:
+    """The file's records, waiting up to `wait_seconds` for its final `exit` record: wandb-core may still be
+    flushing the log for a moment after `run.finish()` returns, especially on a busy machine."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        records = list(iter_records(path))
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() >= deadline:
+            return records
+        time.sleep(0.1)
+
+
+def read_offline_run(run_dir_of_wandb: str | Path, wait_seconds: float = 30.0) -> dict[str, Any]:
     """Parse an offline W&B run: what a `wandb sync` would upload.
 
     Returns `{"run": {id, project, group, job_type, name}, "config": {...}, "history": [row, ...],
     "summary": {...}, "artifacts": [{name, type}, ...]}`; each history row maps metric keys (and `_step`) to values.
+    A run that is still being written is read as far as it goes once `wait_seconds` have passed.
     """
     out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "artifacts": []}
-    for record in iter_records(find_wandb_file(run_dir_of_wandb)):
+    for record in _finished_records(find_wandb_file(run_dir_of_wandb), wait_seconds):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run
