@@ -15,10 +15,10 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
 
 from rlhf.config import STAGES, RLHFConfig
 from rlhf.stages.base import StageContext, StageResult
+from rlhf.tracking import plain_scalar
 
 log = logging.getLogger("rlhf")
 
@@ -165,12 +165,6 @@ def _group_name(path: Path) -> str:
     return name
 
 
-def _plain(value: Any) -> Any:
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        return value.item()
-    return value
-
-
 def read_summary(run_dir: Path) -> dict[str, dict]:
     """The stages recorded in `run_dir/summary.json` by an earlier invocation ({} when there is none)."""
     path = Path(run_dir) / "summary.json"
@@ -207,7 +201,7 @@ def write_summary(run_dir: Path, results: dict[str, StageResult], wandb_runs: di
         stages[name] = {
             "artifact": str(Path(r.artifact).resolve()),
             "seconds": round(float(r.seconds), 3),
-            "metrics": {k: _plain(v) for k, v in r.metrics.items()},
+            "metrics": {k: plain_scalar(v) for k, v in r.metrics.items()},
             "wandb_run": wandb_runs.get(name, stages.get(name, {}).get("wandb_run")),
         }
     ordered = {name: stages[name] for name in [*STAGES, *sorted(stages)] if name in stages}

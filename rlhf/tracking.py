@@ -45,7 +45,7 @@ def format_metrics(stage: str, metrics: dict[str, Any], step: int | None) -> str
     return " | ".join([head, *(f"{k}={_format_value(v)}" for k, v in metrics.items())])
 
 
-def _scalar(value: Any) -> Any:
+def plain_scalar(value: Any) -> Any:
     """Tensors and numpy scalars -> python numbers (W&B and JSON both want plain values)."""
     if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
         return value.item()
@@ -72,7 +72,7 @@ class StageTracker:
 
     def log(self, metrics: dict[str, float], step: int, console: bool = True) -> None:
         """W&B log at `step` and one console line (through `logging`, logger `rlhf`)."""
-        metrics = {k: _scalar(v) for k, v in metrics.items()}
+        metrics = {k: plain_scalar(v) for k, v in metrics.items()}
         if console:
             log.info(format_metrics(self.stage, metrics, step))
         if self._run is not None:
@@ -95,7 +95,7 @@ class StageTracker:
             return
         import wandb
 
-        table = wandb.Table(columns=list(columns), data=[[_scalar(v) for v in row] for row in rows])
+        table = wandb.Table(columns=list(columns), data=[[plain_scalar(v) for v in row] for row in rows])
         if step is not None and step >= self._run.step:
             self._run.log({key: table}, step=step)
         else:
@@ -133,7 +133,7 @@ class StageTracker:
     def set_summary(self, metrics: dict[str, float]) -> None:
         """The run's summary: the stage's final metrics."""
         if self._run is not None:
-            self._run.summary.update({k: _scalar(v) for k, v in metrics.items()})
+            self._run.summary.update({k: plain_scalar(v) for k, v in metrics.items()})
 
     def finish(self, exit_code: int | None = None) -> None:
         """Close the run (flushes the offline file); a non-zero `exit_code` marks it failed. Safe to call twice."""
