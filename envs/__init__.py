@@ -16,9 +16,15 @@ from envs.base import TextEnv
 
 __all__ = ["BUILTIN_IDS", "TextEnv", "env_class", "make"]
 
-BUILTIN_IDS: tuple[str, ...] = ("rlhf/Review-v0", "rlhf/Arithmetic-v0", "rlhf/GuessNumber-v0")
+BUILTIN_IDS: tuple[str, ...] = (
+    "rlhf/Review-v0",
+    "rlhf/Review-v1",
+    "rlhf/Arithmetic-v0",
+    "rlhf/GuessNumber-v0",
+)
 _ENTRY_POINTS = {
     "rlhf/Review-v0": "envs.review:ReviewEnv",
+    "rlhf/Review-v1": "envs.review:ReviewEnvV1",
     "rlhf/Arithmetic-v0": "envs.arithmetic:ArithmeticEnv",
     "rlhf/GuessNumber-v0": "envs.guess:GuessNumberEnv",
 }

@@ -170,6 +170,66 @@ class ReviewEnv(TextEnv):
 
 _VOCABULARY_SET = frozenset(ReviewEnv.vocabulary())
 
+POSITIVE_V1 = _POSITIVE | {
+    "amazing", "fantastic", "enjoyable", "masterpiece", "perfect", "best", "love", "loved", "stunning",
+    "captivating", "engaging", "impressive", "entertaining", "memorable", "gripping", "outstanding", "incredible",
+    "enjoyed", "funny", "powerful", "compelling", "touching", "heartwarming", "nice", "solid", "beautifully",
+    "wonderfully", "magnificent", "terrific", "fascinating", "remarkable", "splendid", "marvelous", "superbly",
+}  # fmt: skip
+NEGATIVE_V1 = _NEGATIVE | {
+    "worst", "disappointing", "disappointed", "waste", "mediocre", "predictable", "forgettable", "annoying",
+    "hate", "hated", "horrible", "unfunny", "confusing", "lackluster", "painful", "pointless", "stupid",
+    "uninspired", "lame", "dreadful", "mess", "boring", "awkward", "flawed", "shallow", "unwatchable",
+}  # fmt: skip
+
+
+def sentiment_words(text: str) -> list[str]:
+    """Lower-cased words with surrounding punctuation stripped: "Great!" -> "great"."""
+    out = []
+    for w in text.lower().split():
+        w = w.strip(string.punctuation + "\u2018\u2019\u201c\u201d\u2013\u2014\u2026")
+        if w:
+            out.append(w)
+    return out
+
+
+class ReviewEnvV1(ReviewEnv):
+    """`rlhf/Review-v1`: the review task with a gold reward that is meaningful for free English too.
+
+    v0 counts every word outside the task's small vocabulary against the reply, so a real model's fluent English
+    scores near 0 whatever its sentiment. v1 reads sentiment only:
+
+        p, n = positive and negative words (a larger lexicon, case and punctuation ignored)
+        gold = p / (p + n)    when the reply holds sentiment words
+        gold = 0.5            when it holds none (neutral, or words the lexicon does not know)
+        gold = 0              for an empty reply
+
+    Any printable character is a valid action. On the task's own vocabulary (the tiny models) v1 equals v0, since
+    such replies hold no unknown words. Offline data is v0's.
+    """
+
+    charset: ClassVar[str] = (
+        string.printable.replace("\x0b", "").replace("\x0c", "")
+        + "\u2018\u2019\u201c\u201d\u2013\u2014\u2026"
+    )
+    max_observation_length: ClassVar[int] = 256
+
+    def _step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+        p, n = sentiment_counts_v1(action)
+        gold = sentiment_score(p, n, 0, empty=not action.strip())
+        return "", gold, True, {"gold": gold, "positive": p, "negative": n}
+
+    @classmethod
+    def gold_reward(cls, prompt: str, completion: str) -> float:
+        p, n = sentiment_counts_v1(completion)
+        return sentiment_score(p, n, 0, empty=not completion.strip())
+
+
+def sentiment_counts_v1(completion: str) -> tuple[int, int]:
+    """(positive, negative) word counts of a reply under v1's lexicon."""
+    ws = sentiment_words(completion)
+    return sum(w in POSITIVE_V1 for w in ws), sum(w in NEGATIVE_V1 for w in ws)
+
 
 def _draw_prompt(rng: np.random.Generator) -> str:
     subject, verb = divmod(int(rng.integers(len(SUBJECTS) * len(VERBS))), len(VERBS))  # one scalar draw: fast

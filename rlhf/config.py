@@ -17,7 +17,7 @@ STAGES = ("sft", "reward", "ppo", "evaluate")
 @dataclass
 class TaskConfig:
     env_id: str = MISSING
-    """Gymnasium id of the environment: `rlhf/Review-v0`, or a user's `my_pkg.module:MyEnv-v0`."""
+    """Gymnasium id of the environment: `rlhf/Review-v1`, or a user's `my_pkg.module:MyEnv-v0`."""
     num_demonstrations: int = 2000
     """SFT demonstrations drawn from the environment's offline data (when `sft.dataset` is unset)."""
     num_preferences: int = 2000
@@ -54,6 +54,9 @@ class ModelConfig:
     """Tiny model: MLP width."""
     max_position_embeddings: int = 256
     """Tiny model: longest sequence in tokens."""
+    tokenizer: str = "word"
+    """Tiny model: word (one token per word of the task's vocabulary) | bpe (byte-level BPE trained on the task's
+    text, with BOS, pad = eos and a ChatML chat template, as real models have)."""
     dtype: str = "float32"
     """Training precision: float32 | bfloat16 | float16 (mixed precision: master weights stay float32)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -127,7 +130,7 @@ class PPOConfig:
     kl_coef: float = 0.05
     """Initial coefficient of the per-token KL penalty to the reference."""
     kl_estimator: str = "k1"
-    """Per-token KL estimator in the reward: k1 | k2 | k3."""
+    """Per-token KL estimator: k1 (the only one allowed with `kl_in=reward`) | k2 | k3 (GRPO's, with `kl_in=loss`)."""
     adaptive_kl: bool = False
     """Adapt `kl_coef` towards `kl_target` (Ziegler et al. 2019)."""
     kl_target: float = 6.0
@@ -174,6 +177,11 @@ class PPOConfig:
     """Whiten GAE advantages over each batch's action tokens (TRL does); group advantages are never whitened."""
     forward_batch_size: int = 64
     """Episodes per no-grad forward pass (reference, critic and reward model scoring); bounds memory."""
+    kl_in: str = "reward"
+    """Where the KL to the reference enters: reward (per-token penalty in the reward / advantage) | loss (a term of
+    the policy loss, GRPO's beta)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the policy and critic; 0 as TRL's PPO."""
 
 
 @dataclass

@@ -100,6 +100,19 @@ def join_spacing(example: dict, continuations: tuple[str, ...]) -> dict:
     return out
 
 
+def as_conversation(example: dict, continuations: tuple[str, ...]) -> dict:
+    """A plain `prompt` (+ continuations) row in TRL's conversational form: the prompt is a user turn, each
+    continuation an assistant turn, so TRL renders it through the chat template exactly as rollouts are laid out."""
+    from rlhf.formatting import assistant, user
+
+    out = dict(example)
+    out["prompt"] = [user(example["prompt"])]
+    for key in continuations:
+        if isinstance(out.get(key), str):
+            out[key] = [assistant(out[key])]
+    return out
+
+
 def split(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
     """Shuffle and hold out `eval_fraction` of `ds` (None when that is less than one example)."""
     if not 0.0 <= eval_fraction < 1.0:
@@ -121,11 +134,15 @@ def _task_class(cfg: RLHFConfig):
     return env_class(cfg.task.env_id)
 
 
-def sft_splits(cfg: RLHFConfig, seed: int) -> tuple[Dataset, Dataset | None]:
-    """SFT data (train, eval): `sft.dataset` when set, else `task.num_demonstrations` of the task's demonstrations."""
+def sft_splits(cfg: RLHFConfig, seed: int, chat: bool = False) -> tuple[Dataset, Dataset | None]:
+    """SFT data (train, eval): `sft.dataset` when set, else `task.num_demonstrations` of the task's demonstrations.
+
+    `chat`: the model's tokenizer has a chat template (`ChatFormat.is_chat`); plain prompts become conversations.
+    """
     return _splits(
         cfg,
         seed,
+        chat=chat,
         user_dataset=cfg.sft.dataset,
         key="sft.dataset",
         task_rows=lambda: _task_class(cfg).demonstrations(cfg.task.num_demonstrations, seed),
@@ -135,11 +152,15 @@ def sft_splits(cfg: RLHFConfig, seed: int) -> tuple[Dataset, Dataset | None]:
     )
 
 
-def preference_splits(cfg: RLHFConfig, seed: int) -> tuple[Dataset, Dataset | None]:
-    """Preference pairs (train, eval): `reward.dataset` when set, else `task.num_preferences` task pairs."""
+def preference_splits(cfg: RLHFConfig, seed: int, chat: bool = False) -> tuple[Dataset, Dataset | None]:
+    """Preference pairs (train, eval): `reward.dataset` when set, else `task.num_preferences` task pairs.
+
+    `chat`: the reward model's tokenizer has a chat template; plain prompts become conversations.
+    """
     return _splits(
         cfg,
         seed,
+        chat=chat,
         user_dataset=cfg.reward.dataset,
         key="reward.dataset",
         task_rows=lambda: _task_class(cfg).preferences(cfg.task.num_preferences, seed),
@@ -153,6 +174,7 @@ def _splits(
     cfg: RLHFConfig,
     seed: int,
     *,
+    chat: bool,
     user_dataset: str | None,
     key: str,
     task_rows: Callable[[], list[dict]],
@@ -161,7 +183,8 @@ def _splits(
     continuations: tuple[str, ...],
 ) -> tuple[Dataset, Dataset | None]:
     """(train, eval) from the user's dataset (its own test split when it has one) or from the task's offline data,
-    with the continuation columns' leading space normalised and `task.eval_fraction` held out."""
+    plain prompts turned into conversations (chat) or their continuations' leading space normalised (plain), and
+    `task.eval_fraction` held out."""
     from datasets import Dataset
 
     if user_dataset:
@@ -169,11 +192,16 @@ def _splits(
         check(train, key)
     else:
         train, test = Dataset.from_list(task_rows()), None
-        check(train, f"{cfg.task.env_id} {what}")
-    if "prompt" in train.column_names and set(continuations) <= set(train.column_names):
-        train = train.map(join_spacing, fn_kwargs={"continuations": continuations})
+        key = f"{cfg.task.env_id} {what}"
+        check(train, key)
+    if len(train) == 0:
+        raise ValueError(f"{key}: the dataset is empty; give it at least one row")
+    plain_prompts = "prompt" in train.column_names and isinstance(train[0]["prompt"], str)
+    if plain_prompts and set(continuations) <= set(train.column_names):
+        convert = as_conversation if chat else join_spacing
+        train = train.map(convert, fn_kwargs={"continuations": continuations})
         if test is not None:
-            test = test.map(join_spacing, fn_kwargs={"continuations": continuations})
+            test = test.map(convert, fn_kwargs={"continuations": continuations})
     if test is not None:
         return train.shuffle(seed=seed), test
     return split(train, cfg.task.eval_fraction, seed)

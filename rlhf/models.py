@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+TINY_TOKENIZERS = ("word", "bpe")
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -64,14 +65,35 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
         max_position_embeddings=cfg.max_position_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
+        bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = None
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+def build_tiny_tokenizer(kind: str, env_cls) -> PreTrainedTokenizerBase:
+    """The tiny model's tokenizer: word-level over the task's vocabulary, or a byte-level BPE trained on its text."""
+    from rlhf.tokenizer import build_bpe_tokenizer, build_tokenizer
+
+    if kind not in TINY_TOKENIZERS:
+        raise ValueError(f"model.tokenizer={kind!r} is not one of {', '.join(TINY_TOKENIZERS)}")
+    if kind == "word":
+        return build_tokenizer(env_cls.vocabulary())
+    return build_bpe_tokenizer(task_texts(env_cls))
+
+
+def task_texts(env_cls, n: int = 400, seed: int = 0) -> list[str]:
+    """Every text of a task's offline data (and its vocabulary): what a BPE stand-in is trained on."""
+    texts = list(env_cls.vocabulary())
+    for row in [*env_cls.demonstrations(n, seed), *env_cls.preferences(n, seed)]:
+        for value in row.values():
+            messages = value if isinstance(value, list) else [{"content": value}]
+            texts += [str(m["content"]) for m in messages]
+    return texts
 
 
 def prepare_base_model(cfg: RLHFConfig, out_dir: Path) -> Path:
@@ -89,9 +111,8 @@ def prepare_base_model(cfg: RLHFConfig, out_dir: Path) -> Path:
     if (out_dir / "config.json").exists() and (out_dir / "tokenizer.json").exists():
         return out_dir
     from envs import env_class  # the task's vocabulary; imported late so models.py works without envs
-    from rlhf.tokenizer import build_tokenizer
 
-    tokenizer = build_tokenizer(env_class(cfg.task.env_id).vocabulary())
+    tokenizer = build_tiny_tokenizer(cfg.model.tokenizer, env_class(cfg.task.env_id))
     model = build_tiny_model(cfg.model, tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)

@@ -72,3 +72,53 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+BOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+CHATML_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}"
+    "{{ message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""ChatML as SmolLM2 / Qwen lay it out: BOS first, each turn closed by <|im_end|> and a newline the policy never
+generates, assistant content (and its <|im_end|>) inside `{% generation %}` markers for assistant-only loss."""
+
+
+def build_bpe_tokenizer(
+    texts: list[str], vocab_size: int = 600, model_max_length: int = 1024
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained offline on `texts`, shaped like a real model's tokenizer.
+
+    What real models bring and the word-level tokenizer hides: merges (a word may be several tokens, and a
+    reply's tokens need not re-tokenize to themselves), a BOS token, no pad token (pad = eos, so padding and the
+    end of a reply share an id), right padding by default and a ChatML chat template whose turns end with a
+    newline after the end-of-turn token. Test stand-ins use it so that every stage meets these traps.
+    """
+    from tokenizers import trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=IM_END,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer

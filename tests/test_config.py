@@ -26,7 +26,7 @@ def options(group: str) -> list[str]:
 def test_primary_config_composes_to_the_schema():
     cfg = compose()
     assert OmegaConf.get_type(cfg) is RLHFConfig
-    assert cfg.task.env_id == "rlhf/Review-v0" and cfg.model.name_or_path is None
+    assert cfg.task.env_id == "rlhf/Review-v1" and cfg.model.name_or_path is None
     assert list(cfg.stages) == list(STAGES) and cfg.logger.mode == "offline"
     assert not OmegaConf.missing_keys(cfg)
 

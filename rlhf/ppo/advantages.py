@@ -115,3 +115,39 @@ def group_advantages(
         others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # (P, G)
         adv = grouped - others_mean
     return adv.reshape(n)
+
+
+def group_token_advantages(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    method: str = "grpo",
+    token_rewards: torch.Tensor | None = None,
+    scale_std: bool = True,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Per-token advantages of a critic-free group baseline: the score's group advantage plus per-token rewards.
+
+    scores: (B,) episode scores, groups adjacent as in ``group_advantages``; mask: (B, T) action tokens;
+    token_rewards: (B, T) or None, rewards that are not part of the score (e.g. the KL penalty -kl_coef * kl_t)
+    -> (B, T), detached, exactly 0 off the action tokens.
+
+        A_t = group_advantages(scores)[b] + token_rewards[b, t]     on action tokens t of episode b
+
+    Only the scores are normalised by the group (GRPO's std): a per-token penalty keeps its own scale, so the
+    KL's weight does not depend on how spread out a group's scores happen to be.
+    """
+    m = mask if mask.dtype == torch.bool else mask != 0
+    if m.dim() != 2 or m.shape[0] != scores.shape[0]:
+        raise ValueError(
+            f"mask {tuple(mask.shape)} must be (B, T) with B = number of scores {tuple(scores.shape)}"
+        )
+    adv = group_advantages(scores, group_size, method, scale_std=scale_std, eps=eps)  # (B,)
+    per_token = adv[:, None].expand(m.shape)  # (B, T)
+    if token_rewards is not None:
+        if token_rewards.shape != m.shape:
+            raise ValueError(
+                f"token_rewards {tuple(token_rewards.shape)} must have the mask's shape {tuple(m.shape)}"
+            )
+        per_token = per_token + token_rewards.detach().to(adv.dtype)
+    return torch.where(m, per_token, torch.zeros((), dtype=adv.dtype, device=adv.device))

@@ -8,7 +8,9 @@ log-probabilities ``logprobs`` and the reference q with ``ref_logprobs``; with r
 - ``k3 = (r - 1) - log r``               unbiased for KL(p || q), always >= 0, low variance
 
 TRL's PPOTrainer uses k1 for the reward penalty (``kl_estimator="k1"``) and reports ``objective/kl`` as the
-sum of k1 over the response.
+sum of k1 over the response. As a per-token *reward* (a constant in the policy gradient) only k1 gives the KL's
+gradient, E[grad log p * k1] = grad KL; k2 and k3 are >= 0 on every token and their reward gradient is biased.
+k3 (GRPO's) and k2 belong in the *loss* (``losses.kl_loss``), differentiated through the policy's log-probabilities.
 """
 
 from __future__ import annotations

@@ -4,13 +4,15 @@ Pure tensor functions; mask convention as in ``rlhf.ppo.ops``. Masked positions 
 loss nor to its gradient, even where their inputs are garbage (NaN/inf on padding): inputs are replaced
 before any nonlinearity, not multiplied by the mask afterwards.
 Stats are detached 0-dim tensors (gather/average them across processes before ``.item()``).
-The entropy bonus is ``ops.entropy_from_logits`` + ``ops.masked_mean``.
+The entropy bonus is ``ops.entropy_from_logits`` + ``ops.masked_mean``; ``kl_loss`` is the KL-to-reference term
+of GRPO-style training (the KL in the loss rather than in the reward).
 """
 
 from __future__ import annotations
 
 import torch
 
+from rlhf.ppo.kl import kl_penalty
 from rlhf.ppo.ops import masked_mean
 
 
@@ -93,3 +95,20 @@ def value_loss(
             "vpred": masked_mean(v, m),
         }
     return loss, stats
+
+
+def kl_loss(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, estimator: str = "k3"
+) -> torch.Tensor:
+    """KL(policy || reference) as a loss term: masked_mean(estimator(logprobs, ref_logprobs)), 0-dim.
+
+    logprobs: (B, T) current policy log-probabilities of the taken tokens (with grad); ref_logprobs: (B, T) the
+    frozen reference's (a constant, detached); mask: (B, T) action tokens. The loss is ``kl_coef * kl_loss``
+    (GRPO's beta term, Shao et al. 2024, with k3). Estimators as in ``rlhf.ppo.kl.kl_penalty``; k3 (GRPO's) and
+    k2 give a useful gradient; k1's gradient is zero in expectation on on-policy samples (the trainer refuses it).
+    """
+    m = _check_shapes(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    lp = torch.where(m, logprobs, zero)  # (B, T); masked positions give a log-ratio of 0, so a KL of 0
+    ref = torch.where(m, ref_logprobs.detach().to(logprobs.dtype), zero)  # (B, T)
+    return masked_mean(kl_penalty(lp, ref, estimator), m)

@@ -1,9 +1,10 @@
 """Rollouts: batched generation against many text environments at once, single- or multi-turn.
 
 Token-in/token-out: the policy's sampled token ids are kept exactly as generated; only the environment's messages
-are tokenized (``tokenizer(obs, add_special_tokens=False)``) and appended. Re-tokenizing decoded history would give
-PPO log-probabilities of tokens the policy never sampled. With the word-level tokenizer of ``rlhf.tokenizer`` the
-resulting ids equal ``apply_chat_template(messages)``.
+are tokenized, laid out by `rlhf.formatting.ChatFormat` (with a chat template: the prompt is the user turn plus the
+generation prompt, each later message a user turn after the reply's end-of-turn token). Re-tokenizing decoded
+history would give PPO log-probabilities of tokens the policy never sampled. The resulting ids equal the chat
+template's tokenization of the conversation (`ChatFormat.check_consistency`).
 
 Layout of one batch of episodes (B episodes, Q query tokens, R response tokens)::
 
@@ -25,6 +26,7 @@ import gymnasium
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.formatting import ChatFormat
 from rlhf.ppo.ops import logprobs_from_logits
 
 
@@ -68,6 +70,9 @@ class Rollout:
     """Everything after the first observation, decoded with special tokens kept (padding dropped)."""
     infos: list[dict[str, Any]] = field(default_factory=list)
     """The last `info` dict of each episode."""
+    messages: list[list[dict[str, str]]] = field(default_factory=list)
+    """Each episode as a conversation: environment messages as user turns, decoded replies (no special tokens)
+    as assistant turns; what a reward model with another tokenizer scores."""
 
     @property
     def context_length(self) -> int:
@@ -222,6 +227,8 @@ class _Episode:
     turn_rewards: list[float] = field(default_factory=list)
     turn_eos: list[bool] = field(default_factory=list)
     replies: list[str] = field(default_factory=list)
+    said: list[str] = field(default_factory=list)  # decoded replies before fit_action
+    observations: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     done: bool = False
 
@@ -265,21 +272,23 @@ def _step(env: gymnasium.Env, reply: str, seed: int, turn: int):
         ) from e
 
 
-def _fit_action(text: str, env: gymnasium.Env) -> str:
-    """Cut a reply longer than the env's `max_action_length` at a word boundary (the tokens stay as sampled).
+def fit_action(text: str, action_space: gymnasium.Space | None) -> str:
+    """A decoded reply made valid for a `spaces.Text` action space (the tokens stay as sampled).
 
-    The env contract treats an over-long action as an error; a policy that rambles should get the reward of its
-    first words, not crash training. Raise `response_length` limits instead if this matters for a task.
+    Characters outside the space's charset are dropped and a reply longer than `max_length` is cut at a word
+    boundary: a policy that writes an en dash or rambles gets the reward of what remains instead of crashing
+    training, and an environment that does not validate its actions is still fed valid ones.
     """
-    limit = getattr(env.unwrapped, "max_action_length", None)
-    if limit is None or len(text) <= limit:
+    if not isinstance(action_space, gymnasium.spaces.Text):
+        return text
+    allowed = action_space.character_set
+    if not allowed.issuperset(text):
+        text = "".join(c for c in text if c in allowed)
+    limit = action_space.max_length
+    if len(text) <= limit:
         return text
     cut = text[: limit + 1]
     return cut[: cut.rfind(" ")] if " " in cut else text[:limit]
-
-
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
 def rollout(
@@ -310,10 +319,12 @@ def rollout(
     if max_turns is None:
         max_turns = max(int(getattr(env.unwrapped, "max_turns", 1)) for env in envs)
 
+    fmt = ChatFormat(tokenizer)
     episodes = []
     for env, seed in zip(envs, seeds):
         obs, _ = _reset(env, seed)
-        episodes.append(_Episode(env=env, seed=seed, query=_encode(tokenizer, obs), query_text=obs))
+        episodes.append(_Episode(env=env, seed=seed, query=fmt.prompt_ids(obs), query_text=obs))
+        episodes[-1].observations.append(obs)
     if any(not ep.query for ep in episodes):
         raise ValueError("an environment's first observation tokenized to nothing; the policy needs a prompt")
 
@@ -334,20 +345,29 @@ def rollout(
         )
         # 2. step each env with the decoded reply; append the reply's tokens and the env's answer
         for ep, reply in zip(active, replies):
-            text = _fit_action(tokenizer.decode(reply, skip_special_tokens=True), ep.env)
+            said = tokenizer.decode(reply, skip_special_tokens=True)
+            text = fit_action(said, ep.env.action_space)
             obs, reward, terminated, truncated, info = _step(ep.env, text, ep.seed, turn)
+            ended = stop_token_id is not None and reply[-1] == stop_token_id
             ep.tokens += reply
             ep.is_action += [True] * len(reply)
             ep.turn_end_positions.append(len(ep.tokens) - 1)
             ep.turn_rewards.append(_check_reward(reward, ep.env, ep.seed, turn))
-            ep.turn_eos.append(stop_token_id is not None and reply[-1] == stop_token_id)
+            ep.turn_eos.append(ended)
             ep.replies.append(text)
+            ep.said.append(said)
             ep.info = info
             ep.done = bool(terminated or truncated) or turn + 1 == max_turns
             if not ep.done:
-                env_tokens = _encode(tokenizer, obs)
+                if not isinstance(obs, str):
+                    raise EnvFailure(
+                        f"environment {env_name(ep.env)} returned a {type(obs).__name__} observation "
+                        f"(seed={ep.seed}, turn {turn}); expected str"
+                    )
+                env_tokens = fmt.env_turn_ids(obs, reply_ended=ended)
                 ep.tokens += env_tokens
                 ep.is_action += [False] * len(env_tokens)
+                ep.observations.append(obs)
     model.train(was_training)
     return _collate(model, tokenizer, episodes, max_turns, temperature, forward_batch_size, device)
 
@@ -363,6 +383,7 @@ def _collate(
 ) -> Rollout:
     """Episodes -> padded tensors, then one forward pass for the log-probabilities of the sampled tokens."""
     pad_id = tokenizer.pad_token_id
+    fmt = ChatFormat(tokenizer)
     B = len(episodes)
     query_ids, query_mask = left_pad([ep.query for ep in episodes], pad_id)  # (B, Q)
     R = max(len(ep.tokens) for ep in episodes)
@@ -400,8 +421,7 @@ def _collate(
     logprobs = logprobs.masked_fill(~action_mask, 0.0)
     transcripts = []
     for ep in episodes:
-        keep = [t for t in ep.tokens if t != pad_id]
-        transcripts.append(tokenizer.decode(keep, skip_special_tokens=False))
+        transcripts.append(tokenizer.decode(ep.tokens, skip_special_tokens=False))  # unpadded: eos kept
     return Rollout(
         query_ids=query_ids,
         response_ids=response_ids,
@@ -421,4 +441,5 @@ def _collate(
         replies=[ep.replies for ep in episodes],
         transcripts=transcripts,
         infos=[ep.info for ep in episodes],
+        messages=[fmt.conversation(ep.observations, ep.said) for ep in episodes],
     )

@@ -5,9 +5,11 @@ One update (`PPOTrainer.step`) reads like the algorithm:
     1. rollout    each process plays batch_size / num_processes episodes with the current policy
     2. score      environment reward and/or reward-model score, minus the missing-EOS penalty
     3. ref + V    reference log-probabilities and the critic's values of the same tokens
-    4. rewards    per token: score - kl_coef * kl
-    5. advantages GAE with the critic, or group baselines (GRPO / RLOO) over num_generations samples per prompt
-    6. optimise   num_ppo_epochs x num_mini_batches of clipped policy and value losses, clipped gradients
+    4. rewards    per token: score - kl_coef * kl (ppo.kl_in=reward), or the score alone (kl_in=loss)
+    5. advantages GAE with the critic, or group baselines (GRPO / RLOO) of the scores over num_generations samples
+                  per prompt, plus the per-token KL penalty
+    6. optimise   num_ppo_epochs x num_mini_batches of clipped policy and value losses (+ kl_coef * KL with
+                  kl_in=loss), clipped gradients
 
 The math lives in `ops`, `advantages`, `kl` and `losses` (pure tensor functions); this module only wires it.
 No Hydra and no W&B here: `config` is any object with `PPOConfig`'s fields and `tracker` anything with
@@ -36,10 +38,10 @@ from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from rlhf.ppo.advantages import gae, group_advantages
+from rlhf.ppo.advantages import gae, group_token_advantages
 from rlhf.ppo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlhf.ppo.kl import kl_penalty, make_kl_controller
-from rlhf.ppo.losses import policy_loss, value_loss
+from rlhf.ppo.kl import KL_ESTIMATORS, kl_penalty, make_kl_controller
+from rlhf.ppo.losses import kl_loss, policy_loss, value_loss
 from rlhf.ppo.ops import (
     entropy_from_logits,
     last_true_index,
@@ -48,11 +50,13 @@ from rlhf.ppo.ops import (
     masked_whiten,
 )
 from rlhf.ppo.rollout import EnvFailure, Rollout, position_ids, response_logits, rollout, sequence_logprobs
+from rlhf.reward_scoring import RewardScorer
 
 log = logging.getLogger(__name__)
 
 REWARD_SOURCES = ("env", "model", "both")
 ADVANTAGES = ("gae", "grpo", "rloo")
+KL_IN = ("reward", "loss")
 SEED_SPACE = 2**31
 """Training episodes use seeds in [0, 2**31); evaluation uses EVAL_SEED_OFFSET + i, so they never overlap."""
 EVAL_SEED_OFFSET = 2**31
@@ -133,6 +137,7 @@ class PPOTrainer:
         output_dir: str | Path,
         ref_policy: nn.Module | None = None,
         reward_model: nn.Module | None = None,
+        reward_tokenizer=None,
         critic: nn.Module | None = None,
         accelerator: Accelerator | None = None,
         seed: int = 0,
@@ -141,6 +146,7 @@ class PPOTrainer:
     ) -> None:
         """policy: causal LM (a peft model with LoRA); ref_policy: frozen reference (None with LoRA: the policy with
         its adapters disabled); reward_model, critic: AutoModelForSequenceClassification; make_env: builds one env.
+        reward_tokenizer: the reward model's tokenizer when it differs from the policy's (scored on the decoded text).
         """
         self.cfg = cfg = config
         self.acc = acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -157,27 +163,43 @@ class PPOTrainer:
         self.stop_token_id = self._stop_token_id()
         set_seed(seed + acc.process_index)
 
-        # models: the policy (and critic) train; reference and reward model are frozen
+        # models: the policy (and critic) train, their weights and optimizer state in float32 (low precision only in
+        # the forward, under the accelerator's autocast); reference and reward model are frozen
         device = acc.device
         policy.eval()
+        self._upcast_trainable(policy, "policy")
         policy_opt = torch.optim.AdamW(
-            [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, eps=1e-5
+            [p for p in policy.parameters() if p.requires_grad],
+            lr=cfg.learning_rate,
+            eps=1e-5,
+            weight_decay=cfg.weight_decay,
         )
         self.policy_sched = torch.optim.lr_scheduler.LambdaLR(policy_opt, self._lr_lambda)
         self.policy, self.policy_opt = acc.prepare(policy, policy_opt)
         self.value_model = self.critic_opt = self.critic_sched = None
         if critic is not None and cfg.advantage == "gae":
             critic.eval()
+            self._upcast_trainable(critic, "critic")
             value_model = ValueHead(critic)
             lr = cfg.critic_learning_rate or cfg.learning_rate
             critic_opt = torch.optim.AdamW(
-                [p for p in value_model.parameters() if p.requires_grad], lr=lr, eps=1e-5
+                [p for p in value_model.parameters() if p.requires_grad],
+                lr=lr,
+                eps=1e-5,
+                weight_decay=cfg.weight_decay,
             )
             self.critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, self._lr_lambda)
             self.value_model, self.critic_opt = acc.prepare(value_model, critic_opt)
         self.critic = critic if self.value_model is not None else None
         self.ref_policy = self._freeze(ref_policy, device)
-        self.reward_head = ValueHead(self._freeze(reward_model, device)) if reward_model is not None else None
+        self.reward_scorer = None
+        if reward_model is not None:
+            self.reward_scorer = RewardScorer(
+                self._freeze(reward_model, device),
+                reward_tokenizer or tokenizer,
+                tokenizer,
+                cfg.forward_batch_size,
+            )
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
         self.score_moments = RunningMoments()
         for obj in (self.policy_sched, self.critic_sched, self.kl_ctl, self.score_moments):
@@ -225,6 +247,29 @@ class PPOTrainer:
             )
         if not cfg.temperature > 0:
             raise ValueError(f"ppo.temperature must be > 0 for PPO sampling, got {cfg.temperature}")
+        if cfg.kl_in not in KL_IN:
+            raise ValueError(f"ppo.kl_in={cfg.kl_in!r} is not one of {', '.join(KL_IN)}")
+        if cfg.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(
+                f"ppo.kl_estimator={cfg.kl_estimator!r} is not one of {', '.join(KL_ESTIMATORS)}"
+            )
+        if cfg.kl_in == "reward" and cfg.kl_estimator != "k1":
+            raise ValueError(
+                f"ppo.kl_estimator={cfg.kl_estimator} is >= 0 on every token and biased as a reward; "
+                "use ppo.kl_estimator=k1 or set ppo.kl_in=loss"
+            )
+        if cfg.kl_in == "loss" and cfg.kl_estimator == "k1":
+            raise ValueError(
+                "ppo.kl_in=loss with ppo.kl_estimator=k1 has a zero gradient in expectation; "
+                "use ppo.kl_estimator=k3 (GRPO's) or k2"
+            )
+        if cfg.weight_decay < 0:
+            raise ValueError(f"ppo.weight_decay must be >= 0, got {cfg.weight_decay}")
+        if getattr(self.acc, "scaler", None) is not None and cfg.advantage == "gae" and critic is not None:
+            raise ValueError(
+                "float16 mixed precision (model.dtype=float16) scales the loss for one optimizer at a time and "
+                "would mis-scale the critic's; use model.dtype=bfloat16 or float32, or ppo.advantage=grpo|rloo"
+            )
 
     def _stop_token_id(self) -> int | None:
         stop = self.cfg.stop_token
@@ -242,6 +287,20 @@ class PPOTrainer:
     def _lr_lambda(self, update: int) -> float:
         """Linear decay to 0 over the run, stepped once per update."""
         return max(0.0, 1.0 - update / self.num_updates)
+
+    @staticmethod
+    def _upcast_trainable(model: nn.Module, name: str) -> None:
+        """Trainable float16/bfloat16 parameters -> float32, in place (frozen ones, e.g. a LoRA base, stay low).
+
+        bf16 keeps 8 significant bits: an AdamW step of ~lr (1e-5) on a weight of ~0.02 rounds away. Training
+        keeps float32 master weights and optimizer state; the accelerator's autocast runs the forward in low
+        precision (Accelerator(mixed_precision="bf16"|"fp16")).
+        """
+        low = [p for p in model.parameters() if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)]
+        if low:
+            log.info("%s: %d trainable low-precision tensors kept in float32 for training", name, len(low))
+            for p in low:
+                p.data = p.data.float()
 
     @staticmethod
     def _freeze(model: nn.Module | None, device: torch.device) -> nn.Module | None:
@@ -310,14 +369,22 @@ class PPOTrainer:
         ref_logprobs = self._ref_logprobs(ro)  # (B, R)
         values = self._values(ro)  # (B, R)
         t2 = time.perf_counter()
-        # 4. rewards = score - kl_coef * kl, per token
+        # 4. rewards = score - kl_coef * kl, per token (ppo.kl_in=reward); with kl_in=loss the score alone, and
+        #    kl_coef * KL is a term of the policy loss (step 6)
         kl = torch.where(mask, kl_penalty(ro.logprobs, ref_logprobs, cfg.kl_estimator), 0.0)  # (B, R)
         non_score_reward = -self.kl_ctl.value * kl  # (B, R)
-        rewards = token_scores + non_score_reward  # (B, R), zero off the action tokens
-        # 5. advantages and returns
-        advantages, returns = self._advantages(rewards, values, mask)  # (B, R), (B, R)
-        # 6. num_ppo_epochs x num_mini_batches: clipped policy loss, clipped value loss, clipped gradients, step
-        stats = self._optimize(ro, advantages, returns, values)
+        kl_reward = non_score_reward if cfg.kl_in == "reward" else torch.zeros_like(kl)  # (B, R)
+        self._check_finite(
+            "rewards",
+            token_scores.sum() + kl_reward.sum(),
+            "check the environment's rewards, the reward model and the reference's log-probabilities",
+        )
+        # 5. advantages and returns: GAE over score + KL rewards, or the group advantage of the scores plus the
+        #    per-token KL penalty (not divided by the group's std)
+        advantages, returns = self._advantages(token_scores, kl_reward, values, mask)  # (B, R), (B, R)
+        # 6. num_ppo_epochs x num_mini_batches: clipped policy loss (+ KL with kl_in=loss), clipped value loss,
+        #    clipped gradients, step
+        stats = self._optimize(ro, advantages, returns, values, ref_logprobs)
         t3 = time.perf_counter()
 
         k1 = torch.where(mask, ro.logprobs - ref_logprobs, 0.0).sum(1)  # (B,) sequence KL, TRL's objective/kl
@@ -326,24 +393,26 @@ class PPOTrainer:
         if self.critic_sched is not None:
             self.critic_sched.step()
         self.episodes += cfg.batch_size
+        # metrics: (sum, count) per name, so the reduced value is the mean over every process's episodes
+        n = len(ro)
         local = {
-            "objective/kl": k1.mean(),
-            "objective/entropy": (-ro.logprobs).sum(1).mean(),
-            "objective/non_score_reward": non_score_reward.sum(1).mean(),
-            "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean(),
-            "objective/scores": scores.mean(),
-            "env/gold": ro.env_rewards.mean(),
-            "val/num_eos_tokens": ro.ended_with_eos.sum(1).float().mean(),
-            "rollout/response_length": ro.response_lengths.float().mean(),
-            "rollout/turns": ro.num_turns.float().mean(),
+            "objective/kl": (k1.sum(), n),
+            "objective/entropy": ((-ro.logprobs).sum(), n),
+            "objective/non_score_reward": (non_score_reward.sum(), n),  # -kl_coef * KL, in the reward or the loss
+            "objective/rlhf_reward": (scores.sum() + non_score_reward.sum(), n),
+            "objective/scores": (scores.sum(), n),
+            "env/gold": (ro.env_rewards.sum(), n),
+            "val/num_eos_tokens": (ro.ended_with_eos.sum(), n),
+            "rollout/response_length": (ro.response_lengths.sum(), n),
+            "rollout/turns": (ro.num_turns.sum(), n),
         }
         if model_scores is not None:
-            local["reward/model_score"] = model_scores.mean()
-        success = [info["success"] for info in ro.infos if "success" in info]
-        if len(success) == len(ro):
-            local["env/success_rate"] = torch.tensor(success, dtype=torch.float32).mean()
+            local["reward/model_score"] = (model_scores.sum(), n)
+        # over the episodes that report it, on any process (absent only when none anywhere does)
+        success = [float(info["success"]) for info in ro.infos if "success" in info]
+        local["env/success_rate"] = (torch.tensor(sum(success)), len(success))
         for name, values_ in stats.items():
-            local[name] = torch.stack([v.to(mask.device) for v in values_]).mean()
+            local[name] = (torch.stack([v.to(mask.device) for v in values_]).sum(), len(values_))
         metrics = self._gather_mean(local)
         elapsed = time.perf_counter() - self._start_time
         generated = self._mean(ro.response_lengths.float().sum()) * self.acc.num_processes
@@ -389,8 +458,8 @@ class PPOTrainer:
             weight = cfg.env_reward_weight if cfg.reward_source == "both" else 1.0
             token_scores += weight * ro.turn_rewards
         model_scores = None
-        if self.reward_head is not None:
-            model_scores = self.reward_model_scores(ro.query_responses, ro.attention_mask)  # (B,)
+        if self.reward_scorer is not None:
+            model_scores = self.reward_scorer.score(ro)  # (B,) as the reward stage scored its pairs
             if not torch.isfinite(model_scores).all():
                 raise ValueError(
                     "the reward model returned NaN/inf scores; check the reward model (training stopped)"
@@ -408,19 +477,6 @@ class PPOTrainer:
             token_scores = token_scores / self.score_moments.std
             token_scores[torch.arange(len(ro)), last] -= self.score_moments.mean / self.score_moments.std
         return token_scores, token_scores.sum(1), model_scores
-
-    @torch.no_grad()
-    def reward_model_scores(
-        self, query_responses: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """The reward model's score of each whole sequence (at its last real token): (B, L) -> (B,)."""
-        parts = []
-        n = self.cfg.forward_batch_size
-        for i in range(0, query_responses.shape[0], n):
-            am = attention_mask[i : i + n]
-            per_token = self.reward_head(query_responses[i : i + n], am)  # (b, L)
-            parts.append(per_token.gather(1, last_true_index(am)[:, None]).squeeze(1))
-        return torch.cat(parts)
 
     # ------------------------------------------------------------------ 3. reference and values
     @torch.no_grad()
@@ -456,25 +512,33 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ 5. advantages
     def _advantages(
-        self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+        self, token_scores: torch.Tensor, kl_reward: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_scores, kl_reward (-kl_coef * kl, or 0 with kl_in=loss), values, mask: (B, R) -> advantages,
+        returns: (B, R)."""
         cfg = self.cfg
         if cfg.advantage == "gae":
+            rewards = token_scores + kl_reward  # (B, R), zero off the action tokens
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False)
             advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)
             return advantages, returns
-        # GRPO / RLOO: one advantage per episode from its group's (score - kl) returns, on every action token
-        sequence_reward = rewards.sum(1)  # (B,)
-        adv = group_advantages(sequence_reward, self.group_size, cfg.advantage)  # (B,)
-        advantages = torch.where(mask, adv[:, None].expand_as(rewards), 0.0)
+        # GRPO / RLOO: the group advantage of each episode's score on its action tokens, plus the token's KL penalty
+        advantages = group_token_advantages(
+            token_scores.sum(1), mask, self.group_size, cfg.advantage, token_rewards=kl_reward
+        )  # (B, R)
         return advantages, torch.zeros_like(advantages)
 
     # ------------------------------------------------------------------ 6. optimise
     def _optimize(
-        self, ro: Rollout, advantages: torch.Tensor, returns: torch.Tensor, values: torch.Tensor
+        self,
+        ro: Rollout,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        values: torch.Tensor,
+        ref_logprobs: torch.Tensor,
     ) -> dict[str, list[torch.Tensor]]:
         """num_ppo_epochs passes of num_mini_batches shuffled minibatches; stops early above target_kl."""
         cfg = self.cfg
@@ -484,7 +548,9 @@ class PPOTrainer:
             epoch_kl = []
             for start in range(0, self.local_batch_size, self.mini_batch_size):
                 idx = order[start : start + self.mini_batch_size]
-                mb = self._minibatch_step(ro, idx, advantages[idx], returns[idx], values[idx])
+                mb = self._minibatch_step(
+                    ro, idx, advantages[idx], returns[idx], values[idx], ref_logprobs[idx]
+                )
                 for name, value in mb.items():
                     stats[name].append(value)
                 epoch_kl.append(mb["policy/approxkl_avg"])
@@ -501,13 +567,16 @@ class PPOTrainer:
         advantages: torch.Tensor,
         returns: torch.Tensor,
         old_values: torch.Tensor,
+        ref_logprobs: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
+        """One gradient step of the policy (and critic) on the episodes `idx`; tensors (b, R). Returns its stats."""
         cfg = self.cfg
         Q = ro.context_length
         query_responses, attention_mask = ro.query_responses[idx], ro.attention_mask[idx]
         mask = ro.action_mask[idx]  # (b, R)
-        logits = response_logits(self.policy, query_responses, attention_mask, Q)  # (b, R, V)
-        logprobs = logprobs_from_logits(logits, query_responses[:, Q:], cfg.temperature)  # (b, R)
+        with self.acc.autocast():  # low-precision forward under mixed precision; float32 weights
+            logits = response_logits(self.policy, query_responses, attention_mask, Q)  # (b, R, V)
+        logprobs = logprobs_from_logits(logits, query_responses[:, Q:], cfg.temperature)  # (b, R) float32
         pg_loss, pg_stats = policy_loss(logprobs, ro.logprobs[idx], advantages, mask, cfg.cliprange)
         entropy = entropy_from_logits(logits if cfg.ent_coef else logits.detach(), cfg.temperature)  # (b, R)
         entropy_avg = masked_mean(entropy, mask)
@@ -519,15 +588,18 @@ class PPOTrainer:
             "policy/entropy_avg": entropy_avg.detach(),
             "val/ratio": pg_stats["ratio"],
         }
+        if cfg.kl_in == "loss":  # GRPO's beta term: the KL to the reference of the current policy
+            kl = kl_loss(logprobs, ref_logprobs, mask, cfg.kl_estimator)
+            loss = loss + self.kl_ctl.value * kl
+            out["loss/kl_avg"] = kl.detach()
         if self.value_model is not None:
-            vpred = self.value_model(query_responses, attention_mask)[:, Q - 1 : -1]  # (b, R)
+            with self.acc.autocast():
+                vpred = self.value_model(query_responses, attention_mask)[:, Q - 1 : -1]  # (b, R)
             vf_loss, vf_stats = value_loss(vpred, old_values, returns, mask, cfg.cliprange_value)
             loss = loss + cfg.vf_coef * vf_loss
             out.update({"loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_stats["clipfrac"]})
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"PPO loss became {loss.item()} at update {self.update + 1}; lower ppo.learning_rate or check rewards"
-            )
+        # every process checks before the backward's gradient all-reduce, so a NaN on one stops all of them
+        self._check_finite("loss", loss, "lower ppo.learning_rate or check rewards")
         self.acc.backward(loss)
         self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
         self.policy_opt.step()
@@ -543,12 +615,31 @@ class PPOTrainer:
         """Mean of a local scalar over processes."""
         return self.acc.reduce(x.detach().float().reshape(1), reduction="mean").item()
 
-    def _gather_mean(self, local: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Average a dict of local scalars over processes in one collective."""
+    def _gather_mean(self, local: dict[str, tuple[torch.Tensor | float, torch.Tensor | float]]) -> dict[str, float]:
+        """Global means from local (sum, count) pairs, in one collective: sum(sums) / sum(counts) over processes.
+
+        Every process must pass the same names; a name whose count is 0 on every process is left out.
+        """
         names = sorted(local)
-        stacked = torch.stack([local[k].detach().float().reshape(()).to(self.acc.device) for k in names])
-        reduced = self.acc.reduce(stacked, reduction="mean").tolist()
-        return dict(zip(names, reduced))
+        sums = [torch.as_tensor(local[k][0]).detach().double().reshape(()) for k in names]
+        counts = [torch.as_tensor(local[k][1]).detach().double().reshape(()) for k in names]
+        stacked = torch.stack([torch.stack(sums), torch.stack(counts)]).to(self.acc.device)  # (2, K)
+        total_sum, total_count = self.acc.reduce(stacked, reduction="sum").tolist()
+        return {k: s / c for k, s, c in zip(names, total_sum, total_count) if c > 0}
+
+    def _check_finite(self, what: str, value: torch.Tensor, advice: str) -> None:
+        """Raise the same FloatingPointError on every process when the local scalar `value` is NaN/inf on any.
+
+        A collective (all processes call it at the same point): a process that raised alone would leave the others
+        waiting in the next collective, e.g. DDP's gradient all-reduce in the backward.
+        """
+        values = self.acc.gather(value.detach().float().reshape(1).to(self.acc.device))  # (P,)
+        bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+        if bad:
+            raise FloatingPointError(
+                f"PPO {what} became {values[bad[0]].item()} at update {self.update + 1} "
+                f"(process {bad[0]} of {values.numel()}); {advice}"
+            )
 
     def _record(self, metrics: dict[str, float], ro: Rollout) -> None:
         """history.jsonl every update, the tracker every log_every, a samples table every samples_every."""

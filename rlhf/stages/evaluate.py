@@ -30,6 +30,7 @@ from rlhf.models import (
     load_tokenizer,
     resolve_device,
 )
+from rlhf.reward_scoring import RewardScorer
 from rlhf.stages.base import StageContext, StageResult
 from rlhf.stages.ppo import model_input
 
@@ -40,7 +41,7 @@ POLICIES = ("sft", "ppo")
 
 def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
     from envs import make
-    from rlhf.ppo.trainer import EVAL_SEED_OFFSET, ValueHead
+    from rlhf.ppo.trainer import EVAL_SEED_OFFSET
 
     e = cfg.evaluate
     if e.num_prompts < 1 or e.batch_size < 1:
@@ -59,12 +60,10 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
     )
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(next(iter(paths.values())))
-    reward_head = None
+    scorer = None
     if reward_path is not None:
-        check_tokenizers_match(
-            tokenizer, load_tokenizer(reward_path), f"evaluate: policy and reward model {reward_path}"
-        )
-        reward_head = ValueHead(load_reward_model(reward_path, cfg.model.dtype).to(device).eval())
+        reward_model = load_reward_model(reward_path, cfg.model.dtype).to(device).eval()
+        scorer = RewardScorer(reward_model, load_tokenizer(reward_path), tokenizer, cfg.ppo.forward_batch_size)
     reference = (
         load_causal_lm(paths.get("sft", next(iter(paths.values()))), cfg.model.dtype).to(device).eval()
     )
@@ -77,7 +76,7 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
         check_tokenizers_match(tokenizer, load_tokenizer(path), f"evaluate: {name} policy {path}")
         policy = reference if name == "sft" else load_causal_lm(path, cfg.model.dtype).to(device)
         torch.manual_seed(ctx.seed)  # the same sampling noise for every policy
-        result = evaluate_policy(cfg, policy.eval(), reference, reward_head, tokenizer, envs, seeds)
+        result = evaluate_policy(cfg, policy.eval(), reference, scorer, tokenizer, envs, seeds)
         metrics.update({f"{name}/{k}": v for k, v in result.pop("metrics").items()})
         samples += [[name, *row] for row in result["rows"][: e.num_samples]]
     if "sft/gold_reward" in metrics and "ppo/gold_reward" in metrics:
@@ -98,9 +97,8 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
 
 
 @torch.no_grad()
-def evaluate_policy(cfg: RLHFConfig, policy, reference, reward_head, tokenizer, envs, seeds) -> dict:
+def evaluate_policy(cfg: RLHFConfig, policy, reference, scorer, tokenizer, envs, seeds) -> dict:
     """Play every seed once with `policy`; gold, proxy, KL to `reference`, lengths, sample rows."""
-    from rlhf.ppo.ops import last_true_index
     from rlhf.ppo.rollout import rollout, sequence_logprobs
 
     e = cfg.evaluate
@@ -129,9 +127,8 @@ def evaluate_policy(cfg: RLHFConfig, policy, reference, reward_head, tokenizer, 
         length.append(ro.response_lengths.float())
         success += [float(info["success"]) for info in ro.infos if "success" in info]
         scores = torch.full((len(ro),), float("nan"))
-        if reward_head is not None:
-            scores = reward_head(ro.query_responses, ro.attention_mask)
-            scores = scores.gather(1, last_true_index(ro.attention_mask)[:, None]).squeeze(1)
+        if scorer is not None:
+            scores = scorer.score(ro).cpu()
             proxy.append(scores)
         rows += [
             [q, t, g, s]

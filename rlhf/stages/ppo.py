@@ -20,8 +20,9 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from rlhf.config import RLHFConfig
+from rlhf.formatting import ChatFormat, FormatMismatch
+from rlhf.reward_scoring import same_vocabulary
 from rlhf.models import (
-    check_tokenizers_match,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
@@ -62,6 +63,24 @@ def model_input(
     return None
 
 
+def check_rollout_format(tokenizer, env_id: str) -> None:
+    """Refuse, before training, a tokenizer whose chat template the rollout would not reproduce token for token.
+
+    The sample dialogue is the environment's own first message, twice, with a short reply after each.
+    """
+    from envs import make
+
+    env = make(env_id)
+    obs, _ = env.reset(seed=0)
+    reply = "ok"
+    try:
+        ChatFormat(tokenizer).check_consistency([obs, obs], [reply, reply])
+    except FormatMismatch as e:
+        raise ValueError(f"ppo: {e}") from e
+    finally:
+        env.close()
+
+
 def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
     from envs import make
     from rlhf.ppo.trainer import PPOTrainer
@@ -83,23 +102,34 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
         )
 
     tokenizer = load_tokenizer(policy_path)
-    if reward_path is not None:
-        check_tokenizers_match(
-            tokenizer,
-            load_tokenizer(reward_path),
-            f"ppo: policy {policy_path} and reward model {reward_path}",
+    check_rollout_format(tokenizer, cfg.task.env_id)
+    reward_tokenizer = load_tokenizer(reward_path) if reward_path is not None else None
+    if (
+        reward_tokenizer is not None
+        and p.advantage == "gae"
+        and p.critic_init == "reward"
+        and not same_vocabulary(tokenizer, reward_tokenizer)
+    ):
+        raise ValueError(
+            f"ppo.critic_init=reward: the reward model {reward_path} has another tokenizer than the policy, so it "
+            "cannot value the policy's tokens; set ppo.critic_init=sft (its score still comes from the decoded text)"
         )
     device = resolve_device(cfg.device)
-    accelerator = Accelerator(cpu=device.type == "cpu")
+    # model.dtype bfloat16/float16 is mixed precision: the trained policy and critic keep float32 weights and
+    # optimizer state, their forward runs under autocast; the frozen reference and reward model load in low precision
+    accelerator = Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision={"bfloat16": "bf16", "float16": "fp16"}.get(cfg.model.dtype, "no"),
+    )
     lora = cfg.model.lora if cfg.model.lora.r > 0 else None
-    policy = load_causal_lm(policy_path, cfg.model.dtype, lora=lora)
+    policy = load_causal_lm(policy_path, "float32", lora=lora)
     # with LoRA the reference is the policy with its adapters disabled: no second copy in memory
     reference = None if lora else load_causal_lm(policy_path, cfg.model.dtype)
     reward_model = load_reward_model(reward_path, cfg.model.dtype) if reward_path is not None else None
     critic = None
     if p.advantage == "gae":
         critic_path = reward_path if p.critic_init == "reward" else policy_path
-        critic = load_reward_model(critic_path, cfg.model.dtype, lora=lora)
+        critic = load_reward_model(critic_path, "float32", lora=lora)
     log.info(
         "[ppo] policy %s | reward model %s | critic %s | reward_source=%s advantage=%s",
         policy_path,
@@ -117,6 +147,7 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
         output_dir=ctx.output_dir,
         ref_policy=reference,
         reward_model=reward_model,
+        reward_tokenizer=reward_tokenizer,
         critic=critic,
         accelerator=accelerator,
         seed=ctx.seed,

@@ -17,6 +17,7 @@ import torch
 from datasets import Dataset
 
 from rlhf.config import RLHFConfig
+from rlhf.formatting import ChatFormat, single_text
 from rlhf.models import load_reward_model, load_tokenizer, merge_lora
 from rlhf.stages.base import StageContext, StageResult
 from rlhf.stages.sft import final_eval, replace_progress, trainer_arguments
@@ -69,14 +70,17 @@ def gold_accuracy(cfg: RLHFConfig, pairs: Dataset, margins: list[float]) -> floa
     Unlike `eval/accuracy`, which is capped by the label noise, this can reach 1: it shows whether the model
     learned the gold reward rather than the noise. None for a user's dataset or a dialogue task.
     """
-    if cfg.reward.dataset or "prompt" not in pairs.column_names or not isinstance(pairs[0]["prompt"], str):
+    if cfg.reward.dataset or "prompt" not in pairs.column_names:
         return None
+    texts = [[single_text(row[k]) for k in ("prompt", "chosen", "rejected")] for row in pairs]
+    if any(t is None for row in texts for t in row):
+        return None  # dialogues: no single-turn gold
     from envs import env_class
 
     gold = env_class(cfg.task.env_id).gold_reward
     hits = total = 0
-    for row, margin in zip(pairs, margins):
-        gap = gold(row["prompt"], row["chosen"]) - gold(row["prompt"], row["rejected"])
+    for (prompt, chosen, rejected), margin in zip(texts, margins):
+        gap = gold(prompt, chosen) - gold(prompt, rejected)
         if gap != 0:
             hits += (gap > 0) == (margin > 0)
             total += 1
@@ -97,9 +101,9 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
 
     from rlhf.data import preference_splits
 
-    train, evals = preference_splits(cfg, ctx.seed)
     backbone = backbone_path(cfg, ctx)
     tokenizer = load_tokenizer(backbone)
+    train, evals = preference_splits(cfg, ctx.seed, chat=ChatFormat(tokenizer).is_chat)
     model = load_reward_model(backbone, "float32", cfg.model.lora)
     args = RewardConfig(
         **trainer_arguments(cfg, ctx, cfg.reward, has_eval=evals is not None),

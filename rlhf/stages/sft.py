@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 
 from rlhf.config import RLHFConfig
+from rlhf.formatting import ChatFormat, single_text
 from rlhf.models import load_causal_lm, load_tokenizer, merge_lora, resolve_device
 from rlhf.stages.base import StageContext, StageResult
 from rlhf.tracking import console_progress_callback
@@ -89,20 +90,14 @@ def base_model_path(ctx: StageContext) -> Path | str:
 
 @torch.no_grad()
 def generate(
-    model, tokenizer, prompts: list, max_new_tokens: int = SAMPLE_TOKENS, seed: int = 0
+    model, tokenizer, prompts: list[str], max_new_tokens: int = SAMPLE_TOKENS, seed: int = 0
 ) -> list[str]:
-    """Sample one completion per prompt (temperature 1, as PPO samples); text prompts or a list of messages."""
+    """Sample one completion per prompt (temperature 1, as PPO samples), prompted exactly as rollouts prompt."""
+    fmt = ChatFormat(tokenizer)
     was_training = model.training
     model.eval()
-    # tokenized as the trainer tokenizes them: chat prompts through the template, text with the special tokens
-    encoded = [
-        tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=True)
-        if isinstance(p, list)
-        else tokenizer(p)
-        for p in prompts
-    ]
     batch = tokenizer.pad(
-        [{"input_ids": e["input_ids"]} for e in encoded], padding_side="left", return_tensors="pt"
+        [{"input_ids": fmt.prompt_ids(p)} for p in prompts], padding_side="left", return_tensors="pt"
     ).to(model.device)
     torch.manual_seed(seed)
     out = model.generate(
@@ -125,10 +120,12 @@ def sample_rows(
 ) -> tuple[list[list], float | None]:
     """(prompt, completion, gold reward) rows for the samples table, and the mean gold reward (None without one)."""
     if "prompt" in data.column_names:
-        prompts = data["prompt"][:NUM_SAMPLES]
+        prompts = [single_text(p) for p in data["prompt"][:NUM_SAMPLES]]
     elif "messages" in data.column_names:
-        prompts = [m[:1] for m in data["messages"][:NUM_SAMPLES]]
+        prompts = [str(m[0]["content"]) for m in data["messages"][:NUM_SAMPLES]]
     else:
+        return [], None
+    if any(p is None for p in prompts):
         return [], None
     completions = generate(model, tokenizer, prompts, seed=seed)
     gold_cls = None
@@ -137,9 +134,9 @@ def sample_rows(
 
         gold_cls = env_class(cfg.task.env_id)
     rows = []
+    single_turn = "messages" not in data.column_names
     for prompt, completion in zip(prompts, completions):
-        text = prompt if isinstance(prompt, str) else prompt[0]["content"]
-        rows.append([text, completion, _gold(gold_cls, prompt, completion)])
+        rows.append([prompt, completion, _gold(gold_cls, prompt, completion) if single_turn else None])
     golds = [r[2] for r in rows if r[2] is not None]
     return rows, (sum(golds) / len(golds) if golds else None)
 
@@ -150,9 +147,9 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
 
     from rlhf.data import sft_splits
 
-    train, evals = sft_splits(cfg, ctx.seed)
     base = base_model_path(ctx)
     tokenizer = load_tokenizer(base)
+    train, evals = sft_splits(cfg, ctx.seed, chat=ChatFormat(tokenizer).is_chat)
     model = load_causal_lm(base, "float32", cfg.model.lora)
     conversational = "messages" in train.column_names
     args = SFTConfig(
@@ -189,9 +186,9 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
     return StageResult(artifact=ctx.output_dir, metrics=metrics)
 
 
-def _gold(env_cls, prompt, completion: str) -> float | None:
-    """The task's gold reward of a single-turn sample; None for dialogues and environments without one."""
-    if env_cls is None or not isinstance(prompt, str):
+def _gold(env_cls, prompt: str, completion: str) -> float | None:
+    """The task's gold reward of a single-turn sample; None for environments without one."""
+    if env_cls is None:
         return None
     try:
         return env_cls.gold_reward(prompt, completion)

@@ -87,16 +87,28 @@ def test_stage_runs_alone_on_paths_and_resumes(tmp_path, setup):
     assert [r["update"] for r in rows] == [1, 2] and result.metrics["updates"] == 2
 
 
-def test_reward_model_with_another_tokenizer_is_refused(tmp_path, setup):
+def test_reward_model_with_another_tokenizer_scores_the_decoded_text(tmp_path, setup):
     cfg, sft, _ = setup
-    other = build_tokenizer(["completely", "different", "words"])
+    other = build_tokenizer(["review", ":", "the", "good", "bad", "film", "was"])
     model = build_tiny_model(cfg.model, other)
-    bad = tmp_path / "bad_reward"
-    model.save_pretrained(bad)
-    other.save_pretrained(bad)
-    cfg.ppo.reward_model_path = str(bad)
-    with pytest.raises(ValueError, match="tokenizers differ"):
+    model.score = torch.nn.Linear(model.config.hidden_size, 1, bias=False)  # a sequence classifier's head
+    other_dir = tmp_path / "other_reward"
+    load_reward_model_from(model, other, other_dir)
+    cfg.ppo.reward_model_path = str(other_dir)
+    cfg.ppo.total_episodes = 16
+    with pytest.raises(ValueError, match="set ppo.critic_init=sft"):
         ppo.run(cfg, context(tmp_path, {"sft": sft}))
+    cfg.ppo.critic_init = "sft"
+    result = ppo.run(cfg, context(tmp_path, {"sft": sft}))
+    assert result.metrics["updates"] == 1 and "reward/model_score" in result.metrics
+
+
+def load_reward_model_from(causal_lm, tokenizer, out: Path) -> None:
+    """Save a causal LM's backbone as a sequence classifier with its own tokenizer."""
+    causal_lm.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    reward = load_reward_model(out)
+    reward.save_pretrained(out)
 
 
 def test_missing_inputs_say_what_to_set(tmp_path, setup):
