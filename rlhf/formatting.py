@@ -92,7 +92,7 @@ class ChatFormat:
         text = self.render([user(_PROBE_USER), assistant(_PROBE_REPLY)])
         eot = self.tokenizer.eos_token or ""
         cut = text.rfind(eot) if eot else -1
-        if cut < 0:
+        if cut < text.rfind(_PROBE_REPLY):
             raise FormatMismatch(
                 f"the chat template does not end an assistant turn with the tokenizer's EOS {eot!r}, so the policy "
                 "could not end its turn; set the tokenizer's eos_token to the template's end-of-turn token"

@@ -116,7 +116,8 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
         )
     device = resolve_device(cfg.device)
     # model.dtype bfloat16/float16 is mixed precision: the trained policy and critic keep float32 weights and
-    # optimizer state, their forward runs under autocast; the frozen reference and reward model load in low precision
+    # optimizer state, their forward runs under autocast; the frozen reference (without LoRA: with LoRA it is the
+    # adapter-disabled policy) and the reward model load in model.dtype
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision={"bfloat16": "bf16", "float16": "fp16"}.get(cfg.model.dtype, "no"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.ppo.advantages import gae, group_advantages
+from rlhf.ppo.advantages import gae, group_advantages, group_token_advantages
 
 
 def gae_loop(
@@ -174,3 +174,57 @@ def test_group_advantages_refuse_bad_input() -> None:
         group_advantages(torch.zeros(4), 2, "ppo")
     with pytest.raises(ValueError, match="1-D"):
         group_advantages(torch.zeros(2, 2), 2, "grpo")
+
+
+def group_token_loop(
+    scores: list[float], token_rewards: list[list[float]], mask: list[list[int]], g: int, method: str
+) -> list[list[float]]:
+    """Reference: the episode's group advantage on each of its action tokens, plus that token's own reward."""
+    per_episode = group_loop(scores, g, method, scale_std=True, eps=1e-4)
+    return [
+        [a + r if m else 0.0 for r, m in zip(r_row, m_row)]
+        for a, r_row, m_row in zip(per_episode, token_rewards, mask)
+    ]
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_group_token_advantages_match_loop(method: str) -> None:
+    g = torch.Generator().manual_seed(7)
+    mask = torch.rand(8, 6, generator=g) > 0.3  # holes and padding anywhere
+    scores = torch.randn(8, generator=g, dtype=torch.float64)
+    kl = torch.where(mask, torch.randn(8, 6, generator=g, dtype=torch.float64), 0.0)
+    token_rewards = -0.1 * kl
+    out = group_token_advantages(scores, mask, 4, method, token_rewards=token_rewards)
+    expected = group_token_loop(scores.tolist(), token_rewards.tolist(), mask.int().tolist(), 4, method)
+    torch.testing.assert_close(out, torch.tensor(expected, dtype=torch.float64))
+    assert (out[~mask] == 0).all()
+    # without token rewards: the group advantage alone, broadcast over the action tokens
+    plain = group_token_advantages(scores, mask.float(), 4, method)
+    torch.testing.assert_close(plain, torch.where(mask, group_advantages(scores, 4, method)[:, None], 0.0))
+
+
+def test_group_token_advantages_keep_the_kl_penalty_unscaled_by_the_group_std() -> None:
+    """Nearly equal scores (std 1e-3): the score part is normalised to O(1), the KL penalty keeps its own size."""
+    scores = torch.tensor([1.0, 1.001, 1.002, 1.003], dtype=torch.float64)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    token_rewards = torch.full((4, 3), -0.05, dtype=torch.float64)
+    out = group_token_advantages(scores, mask, 4, "grpo", token_rewards=token_rewards)
+    torch.testing.assert_close(out - group_advantages(scores, 4, "grpo")[:, None], token_rewards)
+
+
+def test_group_token_advantages_refuse_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="mask"):
+        group_token_advantages(torch.zeros(4), torch.ones(3, 2), 2, "grpo")
+    with pytest.raises(ValueError, match="token_rewards"):
+        group_token_advantages(torch.zeros(4), torch.ones(4, 2), 2, "grpo", token_rewards=torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_group_advantages_favour_the_best_sample_of_each_group(method: str) -> None:
+    scores = torch.randn(5 * 4, generator=torch.Generator().manual_seed(3))
+    adv = group_advantages(scores, 4, method).view(5, 4)
+    grouped = scores.view(5, 4)
+    best, worst = grouped.argmax(1), grouped.argmin(1)
+    assert (adv[torch.arange(5), best] > 0).all() and (adv[torch.arange(5), worst] < 0).all()
+    # the ordering within a group is the ordering of the scores
+    assert torch.equal(adv.argsort(1), grouped.argsort(1))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf.ppo.losses import policy_loss, value_loss
+from rlhf.ppo.losses import kl_loss, policy_loss, value_loss
 
 
 def policy_reference(logp, old, adv, mask, c) -> tuple[float, float, float, float]:
@@ -187,3 +187,36 @@ def test_value_loss_without_clipping_and_masked_gradient() -> None:
     torch.testing.assert_close(values.grad, torch.tensor([[-0.5, 0.0, 1.5]]))
     with pytest.raises(ValueError, match="cliprange_value"):
         value_loss(values, old, returns, mask, cliprange_value=-1.0)
+
+
+def kl_loss_reference(logp, ref, mask, estimator: str) -> float:
+    values = []
+    for lp_row, ref_row, m_row in zip(logp, ref, mask):
+        for lp, q, m in zip(lp_row, ref_row, m_row):
+            if not m:
+                continue
+            d = lp - q  # log p - log q
+            values.append({"k1": d, "k2": 0.5 * d * d, "k3": math.exp(-d) - 1 + d}[estimator])
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_loss_matches_reference(estimator: str) -> None:
+    logp, ref, _, mask = _batch(5, 0.5)
+    loss = kl_loss(logp, ref, mask, estimator)
+    assert loss.dim() == 0
+    assert loss.item() == pytest.approx(kl_loss_reference(logp.tolist(), ref.tolist(), mask.tolist(), estimator))
+
+
+def test_kl_loss_gradient_is_k3s_and_zero_on_masked_positions() -> None:
+    """d k3 / d logp = 1 - exp(ref - logp) per token, over the number of action tokens; garbage off the mask ignored."""
+    logp, ref, _, mask = _batch(6, 0.5)
+    dirty_logp = torch.where(mask, logp, 40.0).requires_grad_(True)
+    dirty_ref = torch.where(mask, ref, float("nan"))
+    loss = kl_loss(dirty_logp, dirty_ref, mask, "k3")
+    assert loss.item() == pytest.approx(kl_loss(logp, ref, mask, "k3").item())
+    loss.backward()
+    n = mask.sum().item()
+    expected = torch.where(mask, (1 - torch.exp(ref - logp)) / n, 0.0)
+    torch.testing.assert_close(dirty_logp.grad, expected)
+    assert kl_loss(ref.clone(), ref, mask, "k3").item() == 0.0  # the reference itself: no penalty

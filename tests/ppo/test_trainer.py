@@ -17,6 +17,7 @@ from conftest import BrokenEnv, DialogueEnv, NanEnv, ToyEnv, tiny_llama
 from transformers import AutoModelForCausalLM, LlamaForSequenceClassification
 
 from rlhf.config import PPOConfig
+from rlhf.ppo.advantages import group_advantages
 from rlhf.ppo.checkpoint import CheckpointError, latest_checkpoint, read_resume_run_id
 from rlhf.ppo.rollout import EnvFailure
 from rlhf.ppo.trainer import PPOTrainer, train_episode_seed
@@ -349,3 +350,346 @@ def test_two_processes_with_torchrun_share_one_global_batch(tmp_path):
     )
     assert r0["total"] == pytest.approx(r1["total"], abs=1e-6), "DDP keeps the replicas identical"
     assert [r["update"] for r in history(tmp_path / "out")] == [1, 2]
+
+
+# ---------------------------------------------------------------- KL placement, optimizer, faults, metrics
+
+
+class SometimesSuccessEnv(ToyEnv):
+    """Reports info["success"] (reward > 0.3) only on episodes with an even seed, like a task with partial info."""
+
+    def reset(self, *, seed=None, options=None):
+        self._seed = seed
+        return super().reset(seed=seed, options=options)
+
+    def _step(self, action):
+        obs, reward, terminated, info = super()._step(action)
+        if self._seed % 2 == 0:
+            info = {**info, "success": reward > 0.3}
+        return obs, reward, terminated, info
+
+
+def capture_optimize(trainer, monkeypatch) -> dict:
+    """Replace step 6 by a recorder of the advantages it would have optimised."""
+    seen = {}
+
+    def record(ro, advantages, *args):
+        seen["advantages"], seen["ro"] = advantages, ro
+        return {}
+
+    monkeypatch.setattr(trainer, "_optimize", record)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_group_advantages_normalise_the_score_alone_and_add_the_kl_per_token(
+    tokenizer, tmp_path, monkeypatch, method
+):
+    cfg = replace(BASE, advantage=method, num_generations=4, total_episodes=16, kl_coef=0.5)
+    trainer = make_trainer(tokenizer, tmp_path, cfg, critic=False, model_seed=1)  # policy != reference
+    seen = capture_optimize(trainer, monkeypatch)
+    trainer.step()
+    ro = seen["ro"]
+    mask = ro.action_mask
+    k1 = torch.where(mask, ro.logprobs - trainer._ref_logprobs(ro), 0.0)
+    assert k1.abs().sum() > 0.1
+    expected = torch.where(mask, group_advantages(ro.env_rewards, 4, method)[:, None] - 0.5 * k1, 0.0)
+    torch.testing.assert_close(seen["advantages"], expected)
+
+
+def test_kl_in_loss_leaves_group_advantages_to_the_scores_and_adds_k3_to_the_loss(tokenizer, tmp_path, monkeypatch):
+    cfg = replace(
+        BASE,
+        advantage="grpo",
+        num_generations=4,
+        total_episodes=16,
+        kl_coef=0.5,
+        kl_in="loss",
+        kl_estimator="k3",
+        num_ppo_epochs=1,
+        num_mini_batches=1,
+    )
+    trainer = make_trainer(tokenizer, tmp_path, cfg, critic=False, model_seed=1)
+    losses = []
+    backward = trainer.acc.backward
+    monkeypatch.setattr(trainer.acc, "backward", lambda loss: (losses.append(loss.item()), backward(loss)))
+    metrics, ro = trainer.step()
+    mask = ro.action_mask
+    ref = trainer._ref_logprobs(ro)
+    k3 = torch.where(mask, torch.expm1(ref - ro.logprobs) - (ref - ro.logprobs), 0.0)  # (B, R)
+    # one minibatch, first of the update: the current policy is the rollout's, so the KL term is the rollout's k3
+    assert metrics["loss/kl_avg"] == pytest.approx(k3[mask].mean().item(), rel=1e-4)
+    assert losses[0] == pytest.approx(metrics["loss/policy_avg"] + 0.5 * metrics["loss/kl_avg"], rel=1e-5)
+    assert metrics["objective/non_score_reward"] == pytest.approx(-0.5 * k3.sum(1).mean().item(), rel=1e-4)
+
+    # the advantages are the group advantages of the scores alone
+    trainer = make_trainer(tokenizer, tmp_path / "b", cfg, critic=False, model_seed=1)
+    seen = capture_optimize(trainer, monkeypatch)
+    trainer.step()
+    ro = seen["ro"]
+    expected = torch.where(ro.action_mask, group_advantages(ro.env_rewards, 4, "grpo")[:, None], 0.0)
+    torch.testing.assert_close(seen["advantages"], expected)
+
+
+def test_kl_in_loss_pulls_the_policy_back_when_the_scores_carry_no_signal(tokenizer, tmp_path):
+    """Equal scores in every group: zero advantages, so only the KL term of the loss can move the policy."""
+
+    class FlatEnv(ToyEnv):
+        def _step(self, action):
+            return "", 0.5, True, {}
+
+    def run(kl_coef, path):
+        cfg = replace(
+            BASE, advantage="rloo", num_generations=4, total_episodes=32, kl_coef=kl_coef, kl_in="loss"
+        )
+        trainer = make_trainer(
+            tokenizer, path, replace(cfg, kl_estimator="k3"), env=FlatEnv, critic=False, model_seed=1
+        )
+        before = params(trainer.unwrapped_policy)
+        trainer.train()
+        after = params(trainer.unwrapped_policy)
+        return sum((before[k] != after[k]).sum().item() for k in before), history(path)
+
+    changed, _ = run(0.0, tmp_path / "a")
+    assert changed == 0
+    changed, rows = run(1.0, tmp_path / "b")
+    assert changed > 0
+    assert rows[-1]["loss/kl_avg"] < rows[0]["loss/kl_avg"]
+
+
+def test_gae_with_kl_in_loss_rewards_the_score_alone(tokenizer, tmp_path, monkeypatch):
+    import rlhf.ppo.trainer as trainer_module
+
+    seen = {}
+
+    def recording_gae(rewards, values, mask, gamma, lam):
+        seen["rewards"] = rewards.clone()
+        return trainer_module_gae(rewards, values, mask, gamma, lam)
+
+    trainer_module_gae = trainer_module.gae
+    monkeypatch.setattr(trainer_module, "gae", recording_gae)
+    cfg = replace(BASE, kl_in="loss", kl_estimator="k2", total_episodes=16, kl_coef=0.5)
+    trainer = make_trainer(tokenizer, tmp_path, cfg, model_seed=1)
+    metrics, ro = trainer.step()
+    torch.testing.assert_close(seen["rewards"], ro.turn_rewards)
+    assert metrics["loss/kl_avg"] > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"kl_estimator": "k3"}, "use ppo.kl_estimator=k1 or set ppo.kl_in=loss"),
+        ({"kl_estimator": "k2"}, "use ppo.kl_estimator=k1 or set ppo.kl_in=loss"),
+        ({"kl_in": "loss"}, "use ppo.kl_estimator=k3"),
+        ({"kl_in": "advantage"}, "ppo.kl_in='advantage' is not one of reward, loss"),
+        ({"kl_estimator": "k4"}, "ppo.kl_estimator='k4' is not one of"),
+        ({"weight_decay": -0.1}, "ppo.weight_decay"),
+    ],
+)
+def test_kl_estimator_and_placement_are_checked(tokenizer, tmp_path, change, message):
+    with pytest.raises(ValueError, match=message) as info:
+        make_trainer(tokenizer, tmp_path, replace(BASE, **change))
+    assert "\n" not in str(info.value)
+
+
+def test_weight_decay_reaches_both_optimizers(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path)
+    assert PPOConfig().weight_decay == 0.0
+    for opt in (trainer.policy_opt, trainer.critic_opt):
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.0]
+    trainer = make_trainer(tokenizer, tmp_path / "b", replace(BASE, weight_decay=0.1))
+    for opt in (trainer.policy_opt, trainer.critic_opt):
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.1]
+
+
+def test_nan_loss_stops_training_before_any_update(tokenizer, tmp_path, monkeypatch):
+    trainer = make_trainer(tokenizer, tmp_path)
+    advantages = trainer._advantages
+
+    def nan_advantages(*args):
+        adv, ret = advantages(*args)
+        return adv.masked_fill(args[-1], float("nan")), ret
+
+    monkeypatch.setattr(trainer, "_advantages", nan_advantages)
+    before = params(trainer.unwrapped_policy)
+    with pytest.raises(FloatingPointError, match=r"PPO loss became nan at update 1 \(process 0 of 1\)") as info:
+        trainer.train()
+    assert "\n" not in str(info.value)
+    after = params(trainer.unwrapped_policy)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(("poisoned_call", "what"), [(1, "rewards"), (2, "loss")])
+def test_a_nan_on_another_process_stops_this_one_too(tokenizer, tmp_path, monkeypatch, poisoned_call, what):
+    """Simulated second process: its finiteness check reports NaN while every local value here is finite."""
+    trainer = make_trainer(tokenizer, tmp_path)
+    gather = trainer.acc.gather
+    calls = []
+
+    def gather_with_a_nan_elsewhere(t):
+        if t.numel() == 1 and t.is_floating_point():
+            calls.append(t)
+            if len(calls) == poisoned_call:
+                return torch.cat([gather(t), torch.full_like(t, float("nan"))])
+        return gather(t)
+
+    monkeypatch.setattr(trainer.acc, "gather", gather_with_a_nan_elsewhere)
+    before = params(trainer.unwrapped_policy)
+    with pytest.raises(FloatingPointError, match=rf"PPO {what} became nan at update 1 \(process 1 of 2\)"):
+        trainer.train()
+    after = params(trainer.unwrapped_policy)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_success_rate_is_the_mean_over_the_episodes_that_report_it(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path, replace(BASE, total_episodes=16), env=SometimesSuccessEnv)
+    metrics, ro = trainer.step()
+    reported = [float(info["success"]) for info in ro.infos if "success" in info]
+    assert 0 < len(reported) < len(ro)
+    assert metrics["env/success_rate"] == pytest.approx(sum(reported) / len(reported))
+    assert metrics["env/gold"] == pytest.approx(ro.env_rewards.mean().item())
+    metrics, _ = make_trainer(tokenizer, tmp_path / "b", replace(BASE, total_episodes=16)).step()
+    assert "env/success_rate" not in metrics  # no episode reports it
+
+
+# ---------------------------------------------------------------- precision
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state: reset it around a test that picks its own mixed precision."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize(("mixed_precision", "dtype"), [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_mixed_precision_trains_float32_weights_that_small_updates_move(
+    tokenizer, tmp_path, fresh_accelerator_state, mixed_precision, dtype
+):
+    """Models handed over in model.dtype (bf16: frozen reference too); lr 1e-5 moves almost every float32 weight."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    policy = tiny_llama(tokenizer).to(dtype)
+    cfg = replace(BASE, learning_rate=1e-5, total_episodes=32)
+    trainer = PPOTrainer(
+        cfg,
+        policy,
+        tokenizer,
+        ToyEnv,
+        output_dir=tmp_path,
+        ref_policy=tiny_llama(tokenizer).to(dtype),
+        critic=critic_from(tiny_llama(tokenizer)).to(dtype),
+        accelerator=accelerator,
+        seed=0,
+    )
+    before = {k: v.detach().float().clone() for k, v in trainer.unwrapped_policy.named_parameters()}
+    metrics = trainer.train()
+    assert torch.isfinite(torch.tensor(metrics["loss/policy_avg"]))
+    after = dict(trainer.unwrapped_policy.named_parameters())
+    changed = sum((after[k].detach().float() != before[k]).sum().item() for k in before)
+    total = sum(v.numel() for v in before.values())
+    assert changed / total > 0.9, f"only {changed}/{total} weights changed"
+    assert all(p.dtype == torch.float32 for p in trainer.unwrapped_policy.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.unwrapped_critic.parameters())
+    assert all(p.dtype == dtype for p in trainer.ref_policy.parameters())  # frozen: left as handed over
+    state = trainer.policy_opt.state_dict()["state"]
+    assert all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+
+
+# ---------------------------------------------------------------- branches: score normalisation, whitening, ...
+
+
+def test_normalize_scores_standardises_episode_scores(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path, replace(BASE, normalize_scores=True, total_episodes=16))
+    ro = trainer._rollout()
+    assert ro.env_rewards.std() > 0
+    token_scores, scores, _ = trainer._score(ro)
+    raw = ro.env_rewards
+    expected = (raw - raw.mean()) / raw.std(unbiased=False)  # the running moments hold this batch alone
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(token_scores.sum(1), scores)
+    assert trainer.score_moments.count == 16
+
+
+def test_whiten_rewards_whitens_the_rewards_gae_sees(tokenizer, tmp_path, monkeypatch):
+    import rlhf.ppo.trainer as trainer_module
+    from rlhf.ppo.ops import masked_whiten
+
+    gae = trainer_module.gae
+    seen = []
+
+    def recording_gae(rewards, values, mask, gamma, lam):
+        seen.append((rewards.clone(), mask.clone()))
+        return gae(rewards, values, mask, gamma, lam)
+
+    monkeypatch.setattr(trainer_module, "gae", recording_gae)
+    for whiten in (False, True):  # same seeds and models: the same rollout
+        make_trainer(tokenizer, tmp_path / str(whiten), replace(BASE, whiten_rewards=whiten)).step()
+    (plain, mask), (whitened, mask2) = seen
+    assert torch.equal(mask, mask2)
+    torch.testing.assert_close(whitened, masked_whiten(plain, mask, shift_mean=False))
+    assert not torch.allclose(whitened, plain)
+
+
+def test_adaptive_kl_moves_kl_coef_over_updates(tokenizer, tmp_path):
+    cfg = replace(BASE, adaptive_kl=True, kl_target=0.01, kl_horizon=100)
+    make_trainer(tokenizer, tmp_path, cfg, model_seed=1).train()
+    rows = history(tmp_path)
+    coef = BASE.kl_coef
+    for row in rows:  # Ziegler et al.: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * batch_size / horizon
+        error = min(max(row["objective/kl"] / 0.01 - 1, -0.2), 0.2)
+        coef *= 1 + error * cfg.batch_size / cfg.kl_horizon
+        assert row["objective/kl_coef"] == pytest.approx(coef, rel=1e-6)
+    assert len({row["objective/kl_coef"] for row in rows}) == len(rows)
+
+
+@pytest.mark.parametrize("ent_coef", [0.0, 0.1])
+def test_ent_coef_adds_an_entropy_bonus_to_the_loss(tokenizer, tmp_path, monkeypatch, ent_coef):
+    cfg = replace(BASE, advantage="grpo", num_generations=4, total_episodes=16, ent_coef=ent_coef)
+    trainer = make_trainer(tokenizer, tmp_path, cfg, critic=False)
+    losses, outs = [], []
+    backward, minibatch_step = trainer.acc.backward, trainer._minibatch_step
+    monkeypatch.setattr(trainer.acc, "backward", lambda loss: (losses.append(loss.item()), backward(loss)))
+    monkeypatch.setattr(trainer, "_minibatch_step", lambda *a: outs.append(minibatch_step(*a)) or outs[-1])
+    trainer.step()
+    assert len(losses) == len(outs) == cfg.num_ppo_epochs * cfg.num_mini_batches
+    for loss, out in zip(losses, outs):
+        assert out["policy/entropy_avg"] > 0.1
+        expected = out["loss/policy_avg"] - ent_coef * out["policy/entropy_avg"]
+        assert loss == pytest.approx(expected.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize(("target_kl", "early_stop", "epochs_run"), [(1e-12, 1.0, 1), (None, 0.0, 4)])
+def test_target_kl_stops_the_epochs_early(tokenizer, tmp_path, monkeypatch, target_kl, early_stop, epochs_run):
+    cfg = replace(BASE, num_ppo_epochs=4, target_kl=target_kl, total_episodes=16)
+    trainer = make_trainer(tokenizer, tmp_path, cfg)
+    calls = []
+    minibatch_step = trainer._minibatch_step
+    monkeypatch.setattr(trainer, "_minibatch_step", lambda *a: calls.append(1) or minibatch_step(*a))
+    metrics, _ = trainer.step()
+    assert metrics["policy/early_stop"] == early_stop
+    assert len(calls) == epochs_run * cfg.num_mini_batches
+
+
+def test_reward_source_both_adds_the_weighted_parts(tokenizer, tmp_path):
+    policy = tiny_llama(tokenizer)
+    reward_model = critic_from(policy, seed=3)
+    cfg = replace(BASE, reward_source="both", env_reward_weight=0.3, model_reward_weight=2.0, total_episodes=16)
+    trainer = make_trainer(tokenizer, tmp_path, cfg, env=DialogueEnv, reward_model=reward_model)
+    ro = trainer._rollout()
+    token_scores, scores, model_scores = trainer._score(ro)
+    assert ro.env_rewards.abs().sum() > 0 and model_scores.abs().sum() > 0
+    torch.testing.assert_close(scores, 0.3 * ro.env_rewards + 2.0 * model_scores)
+    torch.testing.assert_close(token_scores.sum(1), scores)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.5])
+def test_first_minibatch_ratio_is_one_at_any_temperature(tokenizer, tmp_path, temperature):
+    cfg = replace(BASE, temperature=temperature, num_ppo_epochs=1, num_mini_batches=1, total_episodes=16)
+    metrics, _ = make_trainer(tokenizer, tmp_path, cfg).step()
+    assert metrics["val/ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["policy/approxkl_avg"] == pytest.approx(0.0, abs=1e-10)
