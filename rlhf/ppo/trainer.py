@@ -296,7 +296,9 @@ class PPOTrainer:
         keeps float32 master weights and optimizer state; the accelerator's autocast runs the forward in low
         precision (Accelerator(mixed_precision="bf16"|"fp16")).
         """
-        low = [p for p in model.parameters() if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)]
+        low = [
+            p for p in model.parameters() if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)
+        ]
         if low:
             log.info("%s: %d trainable low-precision tensors kept in float32 for training", name, len(low))
             for p in low:
@@ -398,7 +400,7 @@ class PPOTrainer:
         local = {
             "objective/kl": (k1.sum(), n),
             "objective/entropy": ((-ro.logprobs).sum(), n),
-            "objective/non_score_reward": (non_score_reward.sum(), n),  # -kl_coef * KL, in the reward or the loss
+            "objective/non_score_reward": (non_score_reward.sum(), n),  # -kl_coef * KL (reward or loss)
             "objective/rlhf_reward": (scores.sum() + non_score_reward.sum(), n),
             "objective/scores": (scores.sum(), n),
             "env/gold": (ro.env_rewards.sum(), n),
@@ -615,7 +617,9 @@ class PPOTrainer:
         """Mean of a local scalar over processes."""
         return self.acc.reduce(x.detach().float().reshape(1), reduction="mean").item()
 
-    def _gather_mean(self, local: dict[str, tuple[torch.Tensor | float, torch.Tensor | float]]) -> dict[str, float]:
+    def _gather_mean(
+        self, local: dict[str, tuple[torch.Tensor | float, torch.Tensor | float]]
+    ) -> dict[str, float]:
         """Global means from local (sum, count) pairs, in one collective: sum(sums) / sum(counts) over processes.
 
         Every process must pass the same names; a name whose count is 0 on every process is left out.

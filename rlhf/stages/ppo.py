@@ -21,7 +21,6 @@ from accelerate import Accelerator
 
 from rlhf.config import RLHFConfig
 from rlhf.formatting import ChatFormat, FormatMismatch
-from rlhf.reward_scoring import same_vocabulary
 from rlhf.models import (
     load_causal_lm,
     load_reward_model,
@@ -29,6 +28,7 @@ from rlhf.models import (
     merge_lora,
     resolve_device,
 )
+from rlhf.reward_scoring import same_vocabulary
 from rlhf.stages.base import StageContext, StageResult
 
 log = logging.getLogger("rlhf")
@@ -188,8 +188,9 @@ def summarize(history: list[dict]) -> dict[str, float]:
     tail = history[-max(1, len(history) // 10) :]
     metrics = {"updates": float(history[-1]["update"]), "episodes": float(history[-1].get("episode", 0))}
     for key in SUMMARY_KEYS:
-        if key in tail[-1]:
-            metrics[key] = sum(row[key] for row in tail) / len(tail)
+        values = [row[key] for row in tail if key in row]  # per-episode metrics may be missing in some updates
+        if values:
+            metrics[key] = sum(values) / len(values)
     if "env/gold" in history[0]:
         metrics["env/gold_first"] = history[0]["env/gold"]
     return metrics

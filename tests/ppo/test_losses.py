@@ -205,7 +205,9 @@ def test_kl_loss_matches_reference(estimator: str) -> None:
     logp, ref, _, mask = _batch(5, 0.5)
     loss = kl_loss(logp, ref, mask, estimator)
     assert loss.dim() == 0
-    assert loss.item() == pytest.approx(kl_loss_reference(logp.tolist(), ref.tolist(), mask.tolist(), estimator))
+    assert loss.item() == pytest.approx(
+        kl_loss_reference(logp.tolist(), ref.tolist(), mask.tolist(), estimator)
+    )
 
 
 def test_kl_loss_gradient_is_k3s_and_zero_on_masked_positions() -> None:

@@ -276,7 +276,7 @@ def test_reward_model_scores_the_last_token_of_each_episode(tokenizer, tmp_path)
     cfg = replace(BASE, reward_source="model", total_episodes=16)
     trainer = make_trainer(tokenizer, tmp_path, cfg, env=DialogueEnv, reward_model=reward_model)
     ro = trainer._rollout()
-    scores = trainer.reward_model_scores(ro.query_responses, ro.attention_mask)
+    scores = trainer.reward_scorer.score(ro)
     for i in range(len(ro)):
         ids = ro.query_responses[i][ro.attention_mask[i].bool()][None]
         with torch.no_grad():
@@ -397,7 +397,9 @@ def test_group_advantages_normalise_the_score_alone_and_add_the_kl_per_token(
     torch.testing.assert_close(seen["advantages"], expected)
 
 
-def test_kl_in_loss_leaves_group_advantages_to_the_scores_and_adds_k3_to_the_loss(tokenizer, tmp_path, monkeypatch):
+def test_kl_in_loss_leaves_group_advantages_to_the_scores_and_adds_k3_to_the_loss(
+    tokenizer, tmp_path, monkeypatch
+):
     cfg = replace(
         BASE,
         advantage="grpo",
@@ -512,7 +514,9 @@ def test_nan_loss_stops_training_before_any_update(tokenizer, tmp_path, monkeypa
 
     monkeypatch.setattr(trainer, "_advantages", nan_advantages)
     before = params(trainer.unwrapped_policy)
-    with pytest.raises(FloatingPointError, match=r"PPO loss became nan at update 1 \(process 0 of 1\)") as info:
+    with pytest.raises(
+        FloatingPointError, match=r"PPO loss became nan at update 1 \(process 0 of 1\)"
+    ) as info:
         trainer.train()
     assert "\n" not in str(info.value)
     after = params(trainer.unwrapped_policy)
@@ -664,7 +668,9 @@ def test_ent_coef_adds_an_entropy_bonus_to_the_loss(tokenizer, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize(("target_kl", "early_stop", "epochs_run"), [(1e-12, 1.0, 1), (None, 0.0, 4)])
-def test_target_kl_stops_the_epochs_early(tokenizer, tmp_path, monkeypatch, target_kl, early_stop, epochs_run):
+def test_target_kl_stops_the_epochs_early(
+    tokenizer, tmp_path, monkeypatch, target_kl, early_stop, epochs_run
+):
     cfg = replace(BASE, num_ppo_epochs=4, target_kl=target_kl, total_episodes=16)
     trainer = make_trainer(tokenizer, tmp_path, cfg)
     calls = []
@@ -678,7 +684,9 @@ def test_target_kl_stops_the_epochs_early(tokenizer, tmp_path, monkeypatch, targ
 def test_reward_source_both_adds_the_weighted_parts(tokenizer, tmp_path):
     policy = tiny_llama(tokenizer)
     reward_model = critic_from(policy, seed=3)
-    cfg = replace(BASE, reward_source="both", env_reward_weight=0.3, model_reward_weight=2.0, total_episodes=16)
+    cfg = replace(
+        BASE, reward_source="both", env_reward_weight=0.3, model_reward_weight=2.0, total_episodes=16
+    )
     trainer = make_trainer(tokenizer, tmp_path, cfg, env=DialogueEnv, reward_model=reward_model)
     ro = trainer._rollout()
     token_scores, scores, model_scores = trainer._score(ro)
