@@ -54,8 +54,11 @@ def run_chain(seed: int, out: Path, extra: list[str]) -> dict:
     }
 
 
-def reevaluate(run_dir: Path, env_id: str = "rlhf/Review-v1", max_new_tokens: int = 24) -> dict[str, float]:
-    """Mean gold reward of DIR/sft and DIR/ppo with plain transformers on fresh episodes (temperature 1)."""
+def reevaluate(
+    run_dir: Path, env_id: str = "rlhf/Review-v1", max_new_tokens: int = 24, temperature: float = 0.7
+) -> dict[str, float]:
+    """Mean gold reward of DIR/sft and DIR/ppo with plain transformers on fresh episodes (model=smollm2's
+    sampling: temperature 0.7, no top-k / top-p)."""
     import gymnasium
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,7 +91,7 @@ def reevaluate(run_dir: Path, env_id: str = "rlhf/Review-v1", max_new_tokens: in
                     do_sample=True,
                     top_k=0,
                     top_p=1.0,
-                    temperature=1.0,
+                    temperature=temperature,
                     max_new_tokens=max_new_tokens,
                     eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id,
@@ -170,7 +173,7 @@ def main() -> None:
         )
     dirs = [Path(r["run_dir"]) for r in results if "run_dir" in r] + list(args.reevaluate)
     if dirs:
-        print("\nIndependent re-evaluation (plain transformers, 128 fresh episodes, temperature 1):\n")
+        print("\nIndependent re-evaluation (plain transformers, 128 fresh episodes, temperature 0.7):\n")
         print("| run dir | SFT gold | PPO gold | gain | SFT reply tokens | PPO reply tokens |")
         print("|---|---:|---:|---:|---:|---:|")
         for d in dirs:
