@@ -8,7 +8,7 @@ Sides, each in its own subprocess (so that peak RSS is its own), one after the o
 - `trl`: bare TRL, a script-like function: tokenizer + tiny LlamaConfig, SFTTrainer on the task's demonstrations,
   save, AutoModelForSequenceClassification from that, RewardTrainer on the task's preferences. No Hydra, no W&B,
   no pipeline. Its LlamaConfig, SFTConfig / RewardConfig arguments, seeds, data sizes and torch threads are
-  read from our composed config and stage code (`rlhf.stages.sft.trainer_arguments`), so they stay identical,
+  read from our composed config and stage code (`rlhf.stages.trl_common.trainer_arguments`), so they stay identical,
   except `report_to="none"`.
 - `ours`: `rlhf.cli.compose(["stages=[sft,reward]", ...])` + `rlhf.pipeline.run` (logger=wandb offline by default).
 - `ours-nolog`: the same with `logger=none`, to separate W&B's cost from the rest (Hydra, checks, extras).
@@ -93,7 +93,7 @@ def peer_settings(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     from rlhf.cli import compose
     from rlhf.models import build_tiny_model
     from rlhf.pipeline import BASE, derive_seed, set_threads
-    from rlhf.stages.sft import trainer_arguments
+    from rlhf.stages.trl_common import trainer_arguments
     from rlhf.tokenizer import build_tokenizer
 
     cfg = compose(["stages=[sft,reward]", *overrides])

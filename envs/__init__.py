@@ -1,8 +1,11 @@
-"""Gymnasium text environments: the built-in tasks and the `TextEnv` contract for your own.
+"""Gymnasium text environments: the built-in tasks, adapters to other libraries, and the `TextEnv` contract.
 
-Importing this package registers the built-in ids (string entry points, so importing is cheap).
-A user's environment lives in their own package, registers its id when imported, and is selected
-as "their_pkg.module:MyEnv-v0": Gymnasium imports the module, then finds the id.
+Importing this package registers the built-in ids and the adapters' ids (string entry points, so importing is
+cheap; an adapter's library is imported only when its environment is made). A user's environment lives in their
+own package, registers its id when imported, and is selected as "their_pkg.module:MyEnv-v0": Gymnasium imports
+the module, then finds the id. PPO and evaluation take any `gymnasium.Env[str, str]` with `spaces.Text`
+observation and action spaces; only the tiny tokenizer and the SFT / reward stages' own data need a `TextEnv`
+(its `vocabulary`, `demonstrations` and `preferences`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from gymnasium.envs.registration import load_env_creator
 
 from envs.base import TextEnv
 
-__all__ = ["BUILTIN_IDS", "TextEnv", "env_class", "make"]
+__all__ = ["ADAPTER_IDS", "BUILTIN_IDS", "TextEnv", "env_class", "make"]
 
 BUILTIN_IDS: tuple[str, ...] = (
     "rlhf/Review-v0",
@@ -28,6 +31,18 @@ _ENTRY_POINTS = {
     "rlhf/Arithmetic-v0": "envs.arithmetic:ArithmeticEnv",
     "rlhf/GuessNumber-v0": "envs.guess:GuessNumberEnv",
 }
+ADAPTER_IDS: dict[str, str] = {
+    "rlhf/ReasoningGym-v0": "reasoning-gym",
+    "rlhf/TextArena-v0": "textarena",
+    "rlhf/SkyRL-v0": "skyrl-gym",
+}
+"""Environments of other libraries, each behind an optional extra: id -> extra (`pip install -e ".[<extra>]"`; the
+extra's name is its package's, so its module is the name with "_" for "-")."""
+_ENTRY_POINTS |= {
+    "rlhf/ReasoningGym-v0": "envs.reasoning_gym:ReasoningGymEnv",
+    "rlhf/TextArena-v0": "envs.textarena:TextArenaEnv",
+    "rlhf/SkyRL-v0": "envs.skyrl:SkyRLEnv",
+}
 
 for _id, _entry_point in _ENTRY_POINTS.items():
     if _id not in gymnasium.registry:
@@ -35,31 +50,48 @@ for _id, _entry_point in _ENTRY_POINTS.items():
         gymnasium.register(id=_id, entry_point=_entry_point, order_enforce=False)
 
 
-def env_class(env_id: str) -> type[TextEnv]:
-    """The TextEnv subclass behind an id ("rlhf/Review-v0" or "my_pkg.module:MyEnv-v0"), not instantiated.
+def env_class(env_id: str) -> type:
+    """The class (or creator function) behind an id ("rlhf/Review-v0" or "my_pkg.module:MyEnv-v0"), not made.
 
-    Gives the classmethods (vocabulary, demonstrations, preferences, gold_reward) without an episode.
+    For a TextEnv it gives the classmethods (vocabulary, demonstrations, preferences, gold_reward) without an
+    episode; `offline_data(env_id, ...)` says which of them exist.
     """
     spec = _spec(env_id)
-    creator = load_env_creator(spec.entry_point) if isinstance(spec.entry_point, str) else spec.entry_point
-    if not (isinstance(creator, type) and issubclass(creator, TextEnv)):
-        raise ValueError(
-            f"{env_id}: entry point {spec.entry_point!r} is not a TextEnv subclass; register the class itself "
-            "(e.g. entry_point='my_pkg.module:MyEnv') and subclass envs.base.TextEnv"
-        )
-    return creator
+    return load_env_creator(spec.entry_point) if isinstance(spec.entry_point, str) else spec.entry_point
 
 
-def make(env_id: str, **kwargs) -> TextEnv:
-    """`gymnasium.make(env_id, **kwargs).unwrapped`, checked to be a TextEnv.
+def offline_data(env_id: str) -> set[str]:
+    """Which of `vocabulary`, `demonstrations`, `preferences` the environment behind `env_id` provides.
 
-    The unwrapped environment is returned because trainers need its attributes (charset, max_turns,
-    vocabulary); TextEnv does its own input checks and truncation, so no wrapper is lost that matters.
+    Only TextEnv subclasses that override them do; any other `gymnasium.Env` needs a pretrained model
+    (`model.name_or_path`) and, for the SFT and reward stages, the user's datasets.
+    """
+    cls = env_class(env_id)
+    if not (isinstance(cls, type) and issubclass(cls, TextEnv)):
+        return set()
+    names = ("vocabulary", "demonstrations", "preferences")
+    return {n for n in names if getattr(cls, n).__func__ is not getattr(TextEnv, n).__func__}
+
+
+def make(env_id: str, **kwargs) -> gymnasium.Env:
+    """`gymnasium.make(env_id, **kwargs).unwrapped`, checked to have `spaces.Text` observation and action spaces.
+
+    Any `gymnasium.Env[str, str]` is accepted; `kwargs` (`task.env_kwargs`) go to its constructor. The unwrapped
+    environment is returned because trainers need its attributes (max_turns, the action space the trainer fits
+    replies into); a TextEnv does its own input checks and truncation, so no wrapper is lost that matters.
     """
     _spec(env_id)
-    env = gymnasium.make(env_id, **kwargs).unwrapped
-    if not isinstance(env, TextEnv):
-        raise ValueError(f"{env_id}: made a {type(env).__name__}, not a TextEnv; subclass envs.base.TextEnv")
+    try:
+        env = gymnasium.make(env_id, disable_env_checker=True, **kwargs).unwrapped
+    except TypeError as e:  # an unknown or missing keyword argument of the environment's constructor
+        raise ValueError(f"{env_id}: cannot make it with task.env_kwargs={kwargs}: {e}") from e
+    for name in ("observation_space", "action_space"):
+        space = getattr(env, name, None)
+        if not isinstance(space, gymnasium.spaces.Text):
+            raise ValueError(
+                f"{env_id}: its {name} is {space!r}; text environments need gymnasium.spaces.Text observation and "
+                "action spaces (observation = text the policy reads, action = its reply)"
+            )
     return env
 
 
@@ -84,4 +116,5 @@ def _spec(env_id: str) -> gymnasium.envs.registration.EnvSpec:
 
 
 def _text_ids() -> list[str]:
+    """Registered ids under rlhf/ (built-ins and adapters)."""
     return [i for i in gymnasium.registry if i.startswith("rlhf/")]

@@ -18,6 +18,7 @@ of as a silently wrong reward.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, ClassVar
 
@@ -25,7 +26,14 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-__all__ = ["TextEnv", "bradley_terry_pair", "label_accuracy_ceiling", "words"]
+__all__ = [
+    "TextEnv",
+    "bradley_terry_pair",
+    "label_accuracy_ceiling",
+    "printable_charset",
+    "printable_text_space",
+    "words",
+]
 
 
 def words(text: str) -> list[str]:
@@ -222,3 +230,28 @@ def label_accuracy_ceiling(reward_gaps: list[float] | np.ndarray, temperature: f
     """
     gaps = np.abs(np.asarray(reward_gaps, dtype=np.float64))
     return float(np.mean(1.0 / (1.0 + np.exp(-gaps / temperature))))
+
+
+PRINTABLE_RANGES = (
+    (0x20, 0x7F),  # ASCII
+    (0xA0, 0x250),  # Latin-1 and Latin extended
+    (0x370, 0x530),  # Greek, Cyrillic
+    (0x2000, 0x2C00),  # punctuation (dashes, quotes), arrows, math, box drawing, shapes, symbols, dingbats
+    (0x3000, 0x3040),  # CJK punctuation
+    (0x1F300, 0x1FB00),  # emoji
+)
+"""Unicode ranges whose printable characters `printable_charset` holds."""
+
+
+@functools.cache
+def printable_charset() -> str:
+    """Newline, tab and the printable characters of PRINTABLE_RANGES (~5,800): the charset of environments that
+    speak free text. Questions, game boards ("●", "│") and a real model's replies (en dashes, accents) fit; control
+    characters such as NUL stay out."""
+    return "\n\t" + "".join(c for a, b in PRINTABLE_RANGES for c in map(chr, range(a, b)) if c.isprintable())
+
+
+@functools.cache
+def printable_text_space(max_length: int) -> spaces.Text:
+    """A `spaces.Text` over `printable_charset()` with `min_length=0`, one instance per length for all environments."""
+    return spaces.Text(max_length=max_length, charset=printable_charset(), min_length=0)

@@ -6,12 +6,42 @@ Each field is documented once, in the docstring line under it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 STAGES = ("sft", "reward", "ppo", "evaluate")
+"""Stage names in pipeline order; what each one is lives in the registry, `rlhf.stages.REGISTRY`."""
+
+
+def one_of(default: str | None, *choices: str) -> Any:
+    """A field that takes one of `choices`: `rlhf.validation` refuses any other value, naming the key and these.
+
+    The allowed values of every enum-like field are listed here, next to the field, and nowhere else.
+    """
+    return field(default=default, metadata={"choices": choices})
+
+
+def choices(schema: type, name: str) -> tuple[str, ...]:
+    """The allowed values of the `one_of` field `name` of a dataclass schema."""
+    return next(f for f in fields(schema) if f.name == name).metadata["choices"]
+
+
+@dataclass
+class RubricComponentConfig:
+    kind: str = MISSING
+    """env (the environment's reward) | model (the reward model's score) | function (a user's `function`) | length
+    (minus the policy's tokens beyond `target_length`) | format (1 when `pattern` matches the reply, else 0)."""
+    weight: float = 1.0
+    """Weight in the trained score; 0 computes and logs the component without training on it."""
+    function: str | None = None
+    """kind=function: `pkg.module:function`, called as function(prompt, completion, info) -> float per episode."""
+    pattern: str | None = None
+    """kind=format: a regular expression searched in the reply (re.search; anchor it with ^ and $)."""
+    target_length: int = 0
+    """kind=length: policy tokens per episode before the penalty (1 per token) starts."""
 
 
 @dataclass
@@ -24,6 +54,13 @@ class TaskConfig:
     """Preference pairs drawn from the environment's offline data (when `reward.dataset` is unset)."""
     eval_fraction: float = 0.1
     """Fraction of the SFT and preference data held out for evaluation."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of `gymnasium.make(env_id, ...)`, e.g. `+task.env_kwargs.max_turns=4` (a key a task preset
+    sets: `task.env_kwargs.dataset=basic_arithmetic`)."""
+    rubric: dict[str, RubricComponentConfig] = field(default_factory=dict)
+    """Named reward components (`rlhf.rewards`) added to those of `ppo.reward_source` (`env` and/or `model`; one of
+    the same name replaces it): PPO trains on their weighted sum; each is logged as `reward/<name>`. Add components
+    in a task preset (YAML); `task.rubric.<name>.weight=...` changes one from the command line."""
 
 
 @dataclass
@@ -40,7 +77,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "tiny"
+    kind: str = one_of("tiny", "tiny", "hf")
     """tiny (built from the sizes below and the task's vocabulary) | hf (`name_or_path`, which it requires)."""
     name_or_path: str | None = None
     """Hub id or local directory of a causal LM and its tokenizer; unset builds a tiny model from config."""
@@ -54,10 +91,10 @@ class ModelConfig:
     """Tiny model: MLP width."""
     max_position_embeddings: int = 256
     """Tiny model: longest sequence in tokens."""
-    tokenizer: str = "word"
+    tokenizer: str = one_of("word", "word", "bpe")
     """Tiny model: word (one token per word of the task's vocabulary) | bpe (byte-level BPE trained on the task's
     text, with BOS, pad = eos and a ChatML chat template, as real models have)."""
-    dtype: str = "float32"
+    dtype: str = one_of("float32", "float32", "bfloat16", "float16")
     """Training precision: float32 | bfloat16 | float16 (mixed precision: master weights stay float32)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Parameter-efficient fine-tuning; off when `lora.r=0`."""
@@ -103,15 +140,15 @@ class PPOConfig:
     """Policy (and frozen reference) to start from; unset uses the SFT stage's output."""
     reward_model_path: str | None = None
     """Reward model for `reward_source=model|both`; unset uses the reward stage's output."""
-    critic_init: str = "reward"
+    critic_init: str = one_of("reward", "reward", "sft")
     """Critic initialisation: reward (the reward model) | sft (the policy's backbone)."""
-    reward_source: str = "model"
+    reward_source: str = one_of("model", "env", "model", "both")
     """Score of an episode: env (environment reward) | model (reward model) | both (weighted sum)."""
     env_reward_weight: float = 1.0
     """Weight of the environment's reward when `reward_source=both`."""
     model_reward_weight: float = 1.0
     """Weight of the reward model's score when `reward_source=both`."""
-    advantage: str = "gae"
+    advantage: str = one_of("gae", "gae", "grpo", "rloo")
     """Advantage estimator: gae (critic) | grpo | rloo (group baselines, no critic)."""
     num_generations: int = 4
     """Samples per prompt for grpo/rloo."""
@@ -129,7 +166,7 @@ class PPOConfig:
     """Policy and critic learning rate (AdamW, linear decay)."""
     kl_coef: float = 0.05
     """Initial coefficient of the per-token KL penalty to the reference."""
-    kl_estimator: str = "k1"
+    kl_estimator: str = one_of("k1", "k1", "k2", "k3")
     """Per-token KL estimator: k1 (the only one allowed with `kl_in=reward`) | k2 | k3 (GRPO's, with `kl_in=loss`)."""
     adaptive_kl: bool = False
     """Adapt `kl_coef` towards `kl_target` (Ziegler et al. 2019)."""
@@ -177,7 +214,7 @@ class PPOConfig:
     """Whiten GAE advantages over each batch's action tokens (TRL does); group advantages are never whitened."""
     forward_batch_size: int = 64
     """Episodes per no-grad forward pass (reference, critic and reward model scoring); bounds memory."""
-    kl_in: str = "reward"
+    kl_in: str = one_of("reward", "reward", "loss")
     """Where the KL to the reference enters: reward (per-token penalty in the reward / advantage) | loss (a term of
     the policy loss, GRPO's beta)."""
     weight_decay: float = 0.0
@@ -198,9 +235,9 @@ class EvaluateConfig:
 
 @dataclass
 class LoggerConfig:
-    backend: str = "wandb"
+    backend: str = one_of("wandb", "wandb", "none")
     """wandb | none."""
-    mode: str = "offline"
+    mode: str = one_of("offline", "offline", "online", "disabled")
     """W&B mode: offline (no network, no account) | online | disabled."""
     project: str = "rlhf"
     """W&B project."""
@@ -234,7 +271,7 @@ class RLHFConfig:
     """Stages to run, in pipeline order: any of sft, reward, ppo, evaluate."""
     seed: int = 0
     """Root seed; every stage derives its own from it."""
-    device: str = "auto"
+    device: str = one_of("auto", "auto", "cpu", "cuda")
     """auto (cuda when available, else cpu) | cpu | cuda."""
     num_threads: int = 0
     """CPU threads for torch; 0 picks 1 for a tiny model (its ops are too small to split) and torch's default

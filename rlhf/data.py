@@ -9,6 +9,7 @@ A held-out split of `task.eval_fraction` is carved off unless the dataset brings
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -48,24 +49,67 @@ def check_dataset_spec(spec: str | None, key: str) -> None:
         )
 
 
+def check_json_file(path: Path, key: str) -> None:
+    """A .json / .jsonl file parses: one JSON document, or one JSON object per line (ValueError naming the line)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(text)
+            return
+        except json.JSONDecodeError:
+            pass  # `datasets` also reads JSON lines from a .json file
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{key}={path} line {number}: not valid JSON ({e.msg} at column {e.colno}); fix or remove that line"
+            ) from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{key}={path} line {number}: expected a JSON object with the dataset's columns")
+
+
 def load_user_dataset(spec: str, key: str) -> tuple[Dataset, Dataset | None]:
-    """The user's dataset as (train, test-or-None): a local file or directory, or a hub dataset name."""
+    """The user's dataset as (train, test-or-None): a local file or directory, or a hub dataset name.
+
+    ValueError (one line, naming `key`) for an empty file, a malformed JSON line, an empty dataset or anything
+    else `datasets` cannot read.
+    """
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
     check_dataset_spec(spec, key)
     path = Path(spec).expanduser()
     if path.is_file():
-        loaded = load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path))
-    elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        loaded = load_from_disk(str(path))
+        if not path.read_bytes().strip():
+            raise ValueError(f"{key}={spec} is empty; give it at least one row")
+        if FILE_BUILDERS[path.suffix.lower()] == "json":
+            check_json_file(path, key)
+    try:
+        if path.is_file():
+            loaded = load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path))
+        elif path.is_dir() and (
+            (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+        ):
+            loaded = load_from_disk(str(path))
+        else:
+            loaded = load_dataset(str(path) if path.is_dir() else spec)
+    except Exception as e:  # pyarrow, fsspec, the hub: their messages span many lines
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"{key}={spec} cannot be read ({type(e).__name__}: {first}); fix it or set another {key}"
+        ) from e
+    if isinstance(loaded, DatasetDict):
+        if "train" not in loaded:
+            raise ValueError(f"{key}={spec} has no 'train' split (splits: {', '.join(loaded)})")
+        train, test = loaded["train"], loaded.get("test")
     else:
-        loaded = load_dataset(str(path) if path.is_dir() else spec)
-    if isinstance(loaded, Dataset):
-        return loaded, None
-    assert isinstance(loaded, DatasetDict)
-    if "train" not in loaded:
-        raise ValueError(f"{key}={spec} has no 'train' split (splits: {', '.join(loaded)})")
-    return loaded["train"], loaded.get("test")
+        assert isinstance(loaded, Dataset)
+        train, test = loaded, None
+    if len(train) == 0:
+        raise ValueError(f"{key}={spec} holds no rows; give it at least one")
+    return train, test
 
 
 def check_sft_columns(ds: Dataset, key: str) -> None:
@@ -84,6 +128,16 @@ def check_preference_columns(ds: Dataset, key: str) -> None:
         raise ValueError(
             f"{key}: preference data needs columns prompt/chosen/rejected; missing {', '.join(missing)} "
             f"(found {', '.join(ds.column_names)})"
+        )
+
+
+def check_distinct_pairs(ds: Dataset, key: str) -> None:
+    """A preference pair whose chosen equals its rejected response teaches nothing and hides a data bug."""
+    same = [i for i, (c, r) in enumerate(zip(ds["chosen"], ds["rejected"])) if c == r]
+    if same:
+        raise ValueError(
+            f"{key}: {len(same)} preference pair(s) have chosen == rejected (first: row {same[0] + 1}); "
+            "a pair needs two different responses: fix or drop those rows"
         )
 
 

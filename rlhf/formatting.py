@@ -143,7 +143,9 @@ class ChatFormat:
         ids += self.reward_suffix_ids(reply_ended=True)
         expected = self.template_ids(self.conversation(observations, replies))
         if ids != expected:
-            at = next((i for i, (a, b) in enumerate(zip(ids, expected)) if a != b), min(len(ids), len(expected)))
+            at = next(
+                (i for i, (a, b) in enumerate(zip(ids, expected)) if a != b), min(len(ids), len(expected))
+            )
             raise FormatMismatch(
                 f"rollout token ids differ from the chat template's at position {at}: "
                 f"{self.tokenizer.decode(ids[at : at + 8])!r} vs {self.tokenizer.decode(expected[at : at + 8])!r}; "

@@ -6,21 +6,24 @@ directory first, so that a user's hub id or local directory goes through exactly
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from rlhf.config import ModelConfig, RLHFConfig, choices
 
 if TYPE_CHECKING:  # torch and transformers load lazily: `rlhf --help` and input checks stay fast
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from rlhf.config import LoraConfig, ModelConfig, RLHFConfig
+    from rlhf.config import LoraConfig
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda")
-TINY_TOKENIZERS = ("word", "bpe")
+DTYPES = choices(ModelConfig, "dtype")
+DEVICES = choices(RLHFConfig, "device")
+TINY_TOKENIZERS = choices(ModelConfig, "tokenizer")
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -51,10 +54,6 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
     """A small Llama sized by `cfg`, with the tokenizer's vocabulary and special ids (weights from torch's RNG)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if cfg.hidden_size % cfg.num_heads:
-        raise ValueError(
-            f"model.hidden_size={cfg.hidden_size} must be divisible by model.num_heads={cfg.num_heads}"
-        )
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -122,8 +121,9 @@ def prepare_base_model(cfg: RLHFConfig, out_dir: Path) -> Path:
     return out_dir
 
 
-def check_model_location(path: str | Path, key: str = "model.name_or_path") -> None:
-    """A local directory must hold a model (config.json) and a tokenizer whose vocabulary fits its embeddings.
+def check_model_location(path: str | Path, key: str = "model.name_or_path", kind: str | None = None) -> None:
+    """A local directory must hold a model (config.json) of the expected `kind` (causal: a language model, reward:
+    a sequence classifier; None: either) and a tokenizer whose vocabulary fits its embeddings.
 
     Hub ids pass unchecked here: `from_pretrained` reports what is wrong with them.
     """
@@ -134,9 +134,47 @@ def check_model_location(path: str | Path, key: str = "model.name_or_path") -> N
         return
     if not p.is_dir() or not (p / "config.json").exists():
         raise ValueError(f"{path} holds no model (no config.json); set {key} to a save_pretrained directory")
+    found, architecture = model_kind(p)
+    if kind == "causal" and found == "reward":
+        raise ValueError(
+            f"{key}={path} is a reward model ({architecture}), not a language model; set it to a policy "
+            "(e.g. <run dir>/sft)"
+        )
+    if kind == "reward" and found == "causal":
+        raise ValueError(
+            f"{key}={path} is a language model ({architecture}), not a reward model; set it to a reward "
+            "stage's output (e.g. <run dir>/reward)"
+        )
     from transformers import AutoConfig
 
     check_vocab_fits(load_tokenizer(p), AutoConfig.from_pretrained(p), str(path))
+
+
+def _config_json(path: str | Path) -> dict:
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def model_kind(path: str | Path) -> tuple[str | None, str]:
+    """(causal | reward | None, architecture) of a save_pretrained directory, from its config.json."""
+    architecture = (_config_json(path).get("architectures") or [""])[0]
+    if architecture.endswith("ForSequenceClassification"):
+        return "reward", architecture
+    if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal", architecture
+    return None, architecture
+
+
+def model_context(path: str | Path) -> int | None:
+    """The longest sequence a save_pretrained model's positions cover (None when its config.json does not say)."""
+    config = _config_json(path)
+    config = config.get("text_config", config)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
 
 
 def check_vocab_fits(tokenizer: PreTrainedTokenizerBase, config, where: str) -> None:

@@ -4,9 +4,9 @@ The built tokenizer is a word-level model (one token per whitespace-separated wo
 download and no merges: `tokenizers` WordLevel + WhitespaceSplit, wrapped in `PreTrainedTokenizerFast`.
 
 Its chat template lays a conversation out exactly as the multi-turn rollout does (token-in/token-out):
-user (environment) content followed by a space, assistant content followed by " </s> ", the assistant part inside
-`{% generation %}` markers so that TRL's `assistant_only_loss` trains on the replies and their stop token only.
-Hence ids(obs0) + ids(reply1) + [eos] + ids(obs1) + ... == apply_chat_template(messages) ids.
+user (environment) content followed by " <reply> ", assistant content followed by " </s> ", the assistant part
+inside `{% generation %}` markers so that TRL's `assistant_only_loss` trains on the replies and their stop token only.
+Hence ids(obs0) + [reply] + ids(reply1) + [eos] + ids(obs1) + [reply] + ... == apply_chat_template(messages) ids.
 """
 
 from __future__ import annotations
@@ -18,21 +18,26 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 PAD, UNK, EOS = "<pad>", "<unk>", "</s>"
 SPECIAL_TOKENS = (PAD, UNK, EOS)
+REPLY = "<reply>"
+"""Ends every user (environment) turn: the policy's reply starts after it."""
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}"
     "{% generation %}{{ message['content'] }} " + EOS + " {% endgeneration %}"
     "{% else %}"
-    "{{ message['content'] }} "
+    "{{ message['content'] }} " + REPLY + " "
     "{% endif %}"
     "{% endfor %}"
 )
-"""Every message is one segment; the generation prompt is empty (the policy continues after the user's space)."""
+"""Every message is one segment; a user turn ends with REPLY, so the generation prompt is empty. Without REPLY a
+model with only relative positions (RoPE) cannot tell the end of a prompt from the same word at the start of the
+reply: "apple" -> "apple </s>" looks like "apple apple" -> "</s>", and an echo task never learns."""
 
 
 def build_tokenizer(vocabulary: list[str], model_max_length: int = 1024) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over `vocabulary`: ids 0-2 are <pad>, <unk>, </s>; then the words in the given order.
+    """Word-level tokenizer over `vocabulary`: ids 0-2 are <pad>, <unk>, </s>; then the words in the given order,
+    then <reply>.
 
     Left padding, because every consumer (generation, reward scoring of the last token via the pad id) batches
     prompts; no BOS and no post-processor, so ids(a) + ids(b) == ids(a + " " + b).
@@ -42,6 +47,7 @@ def build_tokenizer(vocabulary: list[str], model_max_length: int = 1024) -> PreT
         if not word or any(c.isspace() for c in word):
             raise ValueError(f"vocabulary entry {word!r} must be one non-empty word without whitespace")
         words.setdefault(word, len(words))
+    words.setdefault(REPLY, len(words))  # after the words: their ids do not move
     backend = Tokenizer(models.WordLevel(vocab=words, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # WordLevel has no decoder of its own: join words with single spaces (what the environments parse).
@@ -51,6 +57,7 @@ def build_tokenizer(vocabulary: list[str], model_max_length: int = 1024) -> PreT
         pad_token=PAD,
         unk_token=UNK,
         eos_token=EOS,
+        additional_special_tokens=[REPLY],
         padding_side="left",
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
@@ -122,3 +129,15 @@ def build_bpe_tokenizer(
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
+
+
+def stop_token_id(tokenizer: PreTrainedTokenizerBase, stop: str | None) -> int | None:
+    """The id that ends a turn for `ppo.stop_token`: eos (the tokenizer's EOS), a token of the vocabulary, or None."""
+    if stop is None:
+        return None
+    if stop == "eos":
+        return tokenizer.eos_token_id
+    token_id = tokenizer.convert_tokens_to_ids(stop)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"ppo.stop_token={stop!r} is not a token of the policy's tokenizer; use eos or null")
+    return token_id

@@ -1,4 +1,4 @@
-"""One W&B run per stage (offline by default), grouped by pipeline run or sweep, plus a reader for offline runs.
+"""One W&B run per stage (offline by default), grouped by pipeline run or sweep (reading runs back: `wandb_offline`).
 
 Every stage gets a `StageTracker`. With `logger=none` it is a no-op that still prints one console line per logged
 step, so stages never branch on the backend. TRL trainers log into the already-initialised run through
@@ -11,14 +11,9 @@ point there, so an offline run works with no network, no account and no writes t
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import re
-import struct
-import time
-import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rlhf")
 
-BACKENDS = ("wandb", "none")
-MODES = ("offline", "online", "disabled")
 COPY_LIMIT_BYTES = 256 * 2**20
 """Outputs above this size are logged as references to their directory (no copy, no upload of the weights)."""
 
@@ -65,6 +58,8 @@ class StageTracker:
         """What to pass to TRL's `report_to`."""
         self.dir: Path | None = Path(run.dir).parent if run is not None else None
         """The W&B run's own directory (`.../wandb/offline-run-*`), None when logging is off."""
+        self.recorded_steps: set[int] = set()
+        """Steps that earlier processes of this (resumed) W&B run already wrote: never written twice."""
 
     @property
     def enabled(self) -> bool:
@@ -75,12 +70,18 @@ class StageTracker:
         metrics = {k: plain_scalar(v) for k, v in metrics.items()}
         if console:
             log.info(format_metrics(self.stage, metrics, step))
-        if self._run is not None:
+        if self._run is not None and not self._recorded(step):
             # W&B steps only move forward: a step already passed (e.g. after TRL's own logging) goes to the next row.
             if step is not None and step >= self._run.step:
                 self._run.log(metrics, step=step)
             else:
                 self._run.log(metrics)
+
+    def _recorded(self, step: int | None) -> bool:
+        """A resumed run never writes a step twice: not one an earlier process wrote, nor one it has passed."""
+        if not self.recorded_steps or step is None:
+            return False
+        return step in self.recorded_steps or step < self._run.step
 
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
         """A `wandb.Table` (e.g. prompt / completion / gold reward samples); the first rows also go to the console."""
@@ -91,7 +92,7 @@ class StageTracker:
                 key,
                 " | ".join(f"{c}={_format_value(v)}" for c, v in zip(columns, row)),
             )
-        if self._run is None:
+        if self._run is None or self._recorded(step):
             return
         import wandb
 
@@ -151,12 +152,20 @@ def null_tracker(stage: str = "") -> StageTracker:
     return StageTracker(stage)
 
 
-def check_logger_config(cfg: RLHFConfig) -> None:
-    """ValueError for an unknown backend or mode, before any work."""
-    if cfg.logger.backend not in BACKENDS:
-        raise ValueError(f"logger.backend={cfg.logger.backend!r} is not one of {', '.join(BACKENDS)}")
-    if cfg.logger.mode not in MODES:
-        raise ValueError(f"logger.mode={cfg.logger.mode!r} is not one of {', '.join(MODES)}")
+def wandb_api_key_available() -> bool:
+    """An API key for online logging: WANDB_API_KEY, or the netrc entry `wandb login` writes for the W&B host."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
 
 
 def wandb_env(run_dir: Path) -> dict[str, str]:
@@ -178,8 +187,11 @@ def start_stage(
     resume_id: str | None = None,
     name: str | None = None,
 ) -> StageTracker:
-    """Start the stage's W&B run: project from config, `group`, job_type = stage, config = the resolved config."""
-    check_logger_config(cfg)
+    """Start the stage's W&B run: project from config, `group`, job_type = stage, config = the resolved config.
+
+    `resume_id`: continue that run (a resumed stage); the steps its earlier processes wrote into `run_dir` are
+    read back into `tracker.recorded_steps`, so that replaying a stage's history writes each step once.
+    """
     if cfg.logger.backend == "none" or cfg.logger.mode == "disabled":
         return null_tracker(stage)
     import wandb
@@ -206,6 +218,10 @@ def start_stage(
         settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True, disable_git=True),
     )
     tracker = StageTracker(stage, run, log_artifacts=cfg.logger.log_artifacts)
+    if resume_id:
+        from rlhf.wandb_offline import logged_steps
+
+        tracker.recorded_steps = logged_steps(Path(run_dir) / "wandb", resume_id, exclude=tracker.dir)
     log.info(
         "[%s] W&B run %s (%s), group %s, files in %s", stage, run.id, cfg.logger.mode, run.group, tracker.dir
     )
@@ -216,147 +232,6 @@ def _asdict(cfg: Any) -> dict:
     import dataclasses
 
     return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading an offline run back. wandb ships no Python reader for `.wandb` files; the format is LevelDB's log format:
-# a 7-byte file header (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each chunk a 7-byte header
-# (crc32, length, type: FULL/FIRST/MIDDLE/LAST) and its data; a record is one protobuf `Record`.
-
-_FILE_HEADER = struct.Struct("<4sHB")
-_CHUNK_HEADER = struct.Struct("<IHB")
-_BLOCK = 32 * 1024
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def iter_records(path: Path):
-    """Yield `wandb_internal_pb2.Record` messages from a `.wandb` file, checking each chunk's crc32."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = Path(path).read_bytes()
-    ident, magic, version = _FILE_HEADER.unpack_from(data, 0)
-    if ident != b":W&B" or magic != 0xBEE1:
-        raise ValueError(f"{path} is not a W&B transaction log (header {ident!r} {magic:#x})")
-    pos, pending = _FILE_HEADER.size, b""
-    while pos + _CHUNK_HEADER.size <= len(data):
-        left_in_block = _BLOCK - pos % _BLOCK
-        if left_in_block < _CHUNK_HEADER.size:  # trailer padding: the next chunk starts on the next block
-            pos += left_in_block
-            continue
-        crc, length, kind = _CHUNK_HEADER.unpack_from(data, pos)
-        if crc == 0 and length == 0 and kind == 0:  # zero padding (block tail or preallocated end of file)
-            pos += left_in_block
-            continue
-        start = pos + _CHUNK_HEADER.size
-        chunk = data[start : start + length]
-        if len(chunk) < length:
-            break  # truncated tail of a run still being written
-        if zlib.crc32(bytes([kind]) + chunk) & 0xFFFFFFFF != crc:
-            raise ValueError(f"{path}: bad checksum at byte {pos}")
-        pos = start + length
-        if kind == _FULL:
-            pending = b""
-            payload = chunk
-        elif kind == _FIRST:
-            pending = chunk
-            continue
-        elif kind == _MIDDLE:
-            pending += chunk
-            continue
-        elif kind == _LAST:
-            payload, pending = pending + chunk, b""
-        else:
-            raise ValueError(f"{path}: unknown chunk type {kind} at byte {pos}")
-        record = pb.Record()
-        record.ParseFromString(payload)
-        yield record
-
-
-def _item_key(item) -> str:
-    return "/".join(item.nested_key) if item.nested_key else item.key
-
-
-def _item_value(item) -> Any:
-    try:
-        return json.loads(item.value_json)
-    except (json.JSONDecodeError, AttributeError):
-        return item.value_json
-
-
-def find_wandb_file(path: str | Path) -> Path:
-    """The `.wandb` file of an offline run directory (or the file itself)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    files = sorted(path.glob("*.wandb")) or sorted(path.glob("run-*/*.wandb"))
-    if len(files) != 1:
-        raise ValueError(
-            f"expected one .wandb file in {path}, found {len(files)}; pass one offline-run-* directory"
-        )
-    return files[0]
-
-
-def find_offline_runs(run_dir: str | Path) -> list[Path]:
-    """Every W&B run directory (offline-run-* / run-*) under a pipeline's run directory, oldest first."""
-    return sorted({p.parent for p in Path(run_dir).rglob("*.wandb")}, key=lambda p: p.name)
-
-
-def _finished_records(path: Path, wait_seconds: float) -> list:
-    """The file's records, waiting up to `wait_seconds` for its final `exit` record: wandb-core may still be
-    flushing the log for a moment after `run.finish()` returns, especially on a busy machine."""
-    deadline = time.monotonic() + wait_seconds
-    while True:
-        records = list(iter_records(path))
-        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() >= deadline:
-            return records
-        time.sleep(0.1)
-
-
-def read_offline_run(run_dir_of_wandb: str | Path, wait_seconds: float = 30.0) -> dict[str, Any]:
-    """Parse an offline W&B run: what a `wandb sync` would upload.
-
-    Returns `{"run": {id, project, group, job_type, name}, "config": {...}, "history": [row, ...],
-    "summary": {...}, "artifacts": [{name, type}, ...]}`; each history row maps metric keys (and `_step`) to values.
-    A run that is still being written is read as far as it goes once `wait_seconds` have passed.
-    """
-    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "artifacts": []}
-    for record in _finished_records(find_wandb_file(run_dir_of_wandb), wait_seconds):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            r = record.run
-            out["run"] = {
-                "id": r.run_id,
-                "project": r.project,
-                "group": r.run_group,
-                "job_type": r.job_type,
-                "name": r.display_name,
-                "tags": list(r.tags),
-            }
-            for item in r.config.update:
-                out["config"][_item_key(item)] = _item_value(item)
-        elif kind == "config":
-            for item in record.config.update:
-                out["config"][_item_key(item)] = _item_value(item)
-        elif kind == "history":
-            row = {_item_key(item): _item_value(item) for item in record.history.item}
-            out["history"].append(row)
-        elif kind == "summary":
-            for item in record.summary.update:
-                out["summary"][_item_key(item)] = _item_value(item)
-        elif kind == "artifact":
-            out["artifacts"].append({"name": record.artifact.name, "type": record.artifact.type})
-    # Config values come as {"value": v, "desc": ...}: unwrap them.
-    out["config"] = {
-        k: v["value"] if isinstance(v, dict) and "value" in v else v for k, v in out["config"].items()
-    }
-    out["history"] = [row for row in out["history"] if any(not k.startswith("_") for k in row)]
-    return out
-
-
-def history_values(run: dict[str, Any], key: str) -> list[float]:
-    """Every logged value of `key` in a run read by `read_offline_run` (finite numbers only)."""
-    values = [row[key] for row in run["history"] if key in row]
-    return [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
 
 
 def rewrite_trainer_logs(logs: dict[str, Any]) -> dict[str, Any]:

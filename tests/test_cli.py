@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.tracking import find_offline_runs, history_values, read_offline_run
+from rlhf.wandb_offline import find_offline_runs, history_values, read_offline_run
 
 RLHF = str(Path(sys.executable).with_name("rlhf"))
 TINY = [

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from rlhf.cli import CONF_DIR, compose
 from rlhf.config import STAGES, RLHFConfig
-from rlhf.pipeline import InputError, run, select_stages, validate
+from rlhf.pipeline import InputError, run
+from rlhf.validation import select_stages, validate
 
 GROUPS = sorted(
     p.name

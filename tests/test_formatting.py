@@ -32,7 +32,11 @@ def word(tmp_path_factory):
 
 def test_bpe_stand_in_has_real_tokenizer_traits(bpe):
     assert bpe.pad_token_id == bpe.eos_token_id  # no pad token of its own: pad = eos
-    assert bpe.eos_token == "<|im_end|>" and bpe.bos_token_id is not None and bpe.bos_token_id != bpe.eos_token_id
+    assert (
+        bpe.eos_token == "<|im_end|>"
+        and bpe.bos_token_id is not None
+        and bpe.bos_token_id != bpe.eos_token_id
+    )
     word_lengths = [len(bpe("superbly delightful")["input_ids"])]
     assert max(word_lengths) > 2  # merges: a rare word is several tokens
     text = bpe.apply_chat_template([user("hi"), assistant("yo")], tokenize=False)
@@ -63,10 +67,14 @@ def test_pieces_concatenate_to_the_template(kind, bpe, word):
     fmt.check_consistency(["guess a number from 1 to 16 :", "higher", "lower"], ["8", "12", "10"])
 
 
-def test_word_level_prompt_is_unchanged(word):
+def test_word_level_turns_end_with_the_reply_marker(word):
+    """The environment's text is kept as is and followed by <reply>, where the policy's reply starts."""
     fmt = ChatFormat(word)
-    assert fmt.prompt_ids("guess a number from 1 to 16 :") == fmt.encode("guess a number from 1 to 16 :")
-    assert fmt.env_turn_ids("higher", reply_ended=True) == fmt.encode("higher")
+    reply = word.convert_tokens_to_ids("<reply>")
+    assert fmt.prompt_ids("guess a number from 1 to 16 :") == fmt.encode("guess a number from 1 to 16 :") + [
+        reply
+    ]
+    assert fmt.env_turn_ids("higher", reply_ended=True) == fmt.encode("higher") + [reply]
 
 
 def test_a_template_whose_turns_do_not_end_with_eos_is_refused(bpe):

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf.cli import compose
 from rlhf.pipeline import InputError, derive_seed, run
-from rlhf.tracking import find_offline_runs, history_values, read_offline_run
+from rlhf.wandb_offline import find_offline_runs, history_values, read_offline_run
 
 TINY = [
     "stages=[sft,reward]",
@@ -97,17 +97,61 @@ def test_a_later_invocation_reuses_finished_stages(tmp_path, caplog):
     assert f"pairs from {tmp_path / 'sft'}" in caplog.text  # the reward model started from that SFT output
 
 
-def test_a_resumed_ppo_stage_continues_its_wandb_run(tmp_path):
-    """Rerunning PPO in the same run dir resumes from its checkpoint and logs into the same offline W&B run."""
+def test_a_changed_config_reruns_stale_stages_and_never_reuses_them(tmp_path, caplog):
+    """Stage keys: the base model and a finished stage are reused only for the config that made them."""
+    caplog.set_level(logging.INFO, logger="rlhf")
+    base = [o for o in TINY if not o.startswith("stages=")] + ["logger=none"]
+    first = run(compose([*base, "stages=[sft]"]), run_dir=tmp_path)
+    assert first["base"]["key"] and first["stages"]["sft"]["key"]
+    wider = [*base, "model.hidden_size=48", "stages=[sft,reward]"]
+    second = run(compose(wider), run_dir=tmp_path)
+    assert "was built for another config (model.hidden_size 32 -> 48)" in caplog.text
+    assert "sft: its finished output no longer matches (model.hidden_size 32 -> 48)" in caplog.text
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["hidden_size"] == 48
+    assert json.loads((tmp_path / "sft" / "config.json").read_text())["hidden_size"] == 48
+    assert second["stages"]["sft"]["key"] != first["stages"]["sft"]["key"]
+    caplog.clear()
+    third = run(compose(wider), run_dir=tmp_path)  # the same command again: nothing to redo
+    assert third == second and "none to run" in caplog.text
+    with pytest.raises(
+        InputError, match=r"reward reads the sft stage's output .* no longer matches \(seed 0 -> 1\)"
+    ):
+        run(compose([*base, "model.hidden_size=48", "stages=[reward]", "seed=1"]), run_dir=tmp_path)
+
+
+def test_a_killed_ppo_stage_resumes_its_wandb_run_with_every_update_once(tmp_path, monkeypatch):
+    """Killed after checkpoint 2 with nothing flushed to W&B: the rerun continues the same W&B run, replays updates
+    1-2 from history.jsonl under their own steps and logs 3-4, so the run's history holds each update once."""
+    from rlhf.ppo.trainer import PPOTrainer
+
     ppo = ["ppo.batch_size=16", "ppo.num_mini_batches=2", "ppo.num_ppo_epochs=1", "ppo.response_length=4"]
-    ppo += ["ppo.save_every=1"]
+    cfg = compose([*TINY, "stages=[sft,reward,ppo]", *ppo, "ppo.save_every=1", "ppo.total_episodes=64"])
     run_dir = tmp_path / "run"
-    first = run(compose([*TINY, "stages=[sft,reward,ppo]", *ppo, "ppo.total_episodes=32"]), run_dir=run_dir)
-    second = run(compose([*TINY, "stages=[ppo]", *ppo, "ppo.total_episodes=64"]), run_dir=run_dir)
-    run_id = first["stages"]["ppo"]["wandb_run"]
-    assert run_id and second["stages"]["ppo"]["wandb_run"] == run_id
-    assert second["stages"]["ppo"]["metrics"]["updates"] == 4
+    step, calls = PPOTrainer.step, []
+
+    def killed_in_update_3(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("kill -9")
+        return step(self)
+
+    monkeypatch.setattr(PPOTrainer, "step", killed_in_update_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, run_dir=run_dir)
+    monkeypatch.setattr(PPOTrainer, "step", step)
+    (killed,) = [d for d in find_offline_runs(run_dir) if read_offline_run(d)["run"]["job_type"] == "ppo"]
+    wandb_file = next(killed.glob("*.wandb"))
+    wandb_file.write_bytes(wandb_file.read_bytes()[:7])  # what kill -9 leaves: the header, nothing flushed
+
+    summary = run(cfg, run_dir=run_dir)
+    run_id = summary["stages"]["ppo"]["wandb_run"]
+    assert run_id and killed.name.endswith(run_id)  # the same W&B run, continued
     history = [json.loads(line) for line in (run_dir / "ppo" / "history.jsonl").read_text().splitlines()]
-    assert [row["update"] for row in history] == [1, 2, 3, 4]  # updates 1-2 kept, 3-4 added: no restart
-    runs = [r for r in map(read_offline_run, find_offline_runs(run_dir)) if r["run"]["job_type"] == "ppo"]
-    assert {r["run"]["id"] for r in runs} == {run_id}
+    assert [row["update"] for row in history] == [1, 2, 3, 4]
+    runs = [read_offline_run(d, wait_seconds=0 if d == killed else 30) for d in find_offline_runs(run_dir)]
+    rows = [
+        row for r in runs if r["run"].get("id") == run_id for row in r["history"] if "objective/kl" in row
+    ]
+    assert sorted(row["_step"] for row in rows) == [1, 2, 3, 4]
+    for row in rows:
+        assert row["objective/kl"] == history[row["_step"] - 1]["objective/kl"]

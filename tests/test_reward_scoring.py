@@ -101,7 +101,9 @@ def test_scores_equal_the_reward_stage_evaluation_with_pad_equal_to_eos(bpe):
 
 def bert_reward_model() -> tuple[BertForSequenceClassification, PreTrainedTokenizerFast]:
     """A tiny BERT with a WordPiece tokenizer: another architecture and vocabulary than the policy's."""
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *ReviewEnv.vocabulary()])}
+    vocab = {
+        t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *ReviewEnv.vocabulary()])
+    }
     backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf.tokenizer import EOS, PAD, UNK, build_tokenizer, load_tokenizer
+from rlhf.tokenizer import EOS, PAD, REPLY, UNK, build_tokenizer, load_tokenizer
 
 WORDS = ["review", ":", "the", "film", "was", "great", "bad", ",", "guess", "higher", "5", "7"]
 
@@ -18,7 +18,8 @@ def test_special_tokens_and_ids(tok):
     assert (tok.pad_token, tok.unk_token, tok.eos_token) == (PAD, UNK, EOS)
     assert (tok.pad_token_id, tok.unk_token_id, tok.eos_token_id) == (0, 1, 2)
     assert tok.bos_token is None
-    assert len(tok) == 3 + len(WORDS)
+    assert len(tok) == 3 + len(WORDS) + 1  # the words, then <reply>
+    assert tok.convert_tokens_to_ids(REPLY) == 3 + len(WORDS)
     assert tok.padding_side == "left"
 
 
@@ -52,11 +53,11 @@ def test_chat_template_is_token_in_token_out(tok):
     out = tok.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
+    reply = tok.convert_tokens_to_ids(REPLY)
     expected = []
     for m in messages:
         expected += tok(m["content"])["input_ids"]
-        if m["role"] == "assistant":
-            expected.append(tok.eos_token_id)
+        expected.append(tok.eos_token_id if m["role"] == "assistant" else reply)
     assert out["input_ids"] == expected
     # the loss mask covers the replies and their stop token, not the environment's messages
     mask = out["assistant_masks"]
@@ -66,7 +67,7 @@ def test_chat_template_is_token_in_token_out(tok):
     prompt = tok.apply_chat_template(
         messages[:1], tokenize=True, add_generation_prompt=True, return_dict=True
     )
-    assert prompt["input_ids"] == tok("guess")["input_ids"]
+    assert prompt["input_ids"] == tok("guess")["input_ids"] + [reply]
 
 
 def test_save_and_load_round_trip(tok, tmp_path):

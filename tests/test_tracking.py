@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import pytest
 
 from rlhf.cli import compose
-from rlhf.tracking import (
-    find_offline_runs,
-    format_metrics,
-    history_values,
-    iter_records,
-    null_tracker,
-    read_offline_run,
-    rewrite_trainer_logs,
-    start_stage,
-)
+from rlhf.tracking import format_metrics, null_tracker, rewrite_trainer_logs, start_stage
+from rlhf.validation import validate
+from rlhf.wandb_offline import find_offline_runs, history_values, iter_records, logged_steps, read_offline_run
 
 
 def test_offline_run_is_written_under_the_run_dir_and_reads_back(tmp_path, caplog):
@@ -70,8 +64,8 @@ def test_logger_none_writes_nothing(tmp_path, caplog):
 
 def test_disabled_mode_and_bad_names(tmp_path):
     assert not start_stage(compose(["logger.mode=disabled"]), "sft", tmp_path, group="g").enabled
-    with pytest.raises(ValueError, match="logger.mode='sometimes'"):
-        start_stage(compose(["logger.mode=sometimes"]), "sft", tmp_path, group="g")
+    with pytest.raises(ValueError, match="logger.mode='sometimes' is not one of offline, online, disabled"):
+        validate(compose(["logger.mode=sometimes"]))
 
 
 def test_reader_rejects_other_files(tmp_path):
@@ -89,3 +83,38 @@ def test_trainer_log_keys_and_console_format():
         format_metrics("ppo", {"objective/kl": 0.123456, "n": 3}, 7)
         == "[ppo] step 7 | objective/kl=0.1235 | n=3"
     )
+
+
+def test_a_resumed_run_writes_each_step_once(tmp_path):
+    """The steps an earlier process of a W&B run wrote are read back from its file and never written again."""
+    cfg = compose(["logger.project=unit"])
+    first = start_stage(cfg, "ppo", tmp_path, group="g")
+    for step in (1, 2, 3):
+        first.log({"objective/kl": float(step)}, step=step)
+    first.finish(exit_code=1)
+    time.sleep(1.1)  # the resumed run's directory is named after its start time, to the second
+    second = start_stage(cfg, "ppo", tmp_path, group="g", resume_id=first.run_id)
+    assert second.recorded_steps == {1, 2, 3}
+    for step in (1, 2, 3, 4, 5):  # a resumed trainer replays its history, then continues
+        second.log({"objective/kl": float(step)}, step=step, console=False)
+    second.log_table("samples", ["a"], [["x"]], step=3)
+    second.finish()
+    runs = [read_offline_run(d) for d in find_offline_runs(tmp_path)]
+    assert {r["run"]["id"] for r in runs} == {first.run_id} and len(runs) == 2
+    steps = sorted(row["_step"] for r in runs for row in r["history"] if "objective/kl" in row)
+    assert steps == [1, 2, 3, 4, 5]
+    assert not any("samples/_type" in row for r in runs for row in r["history"])
+
+
+def test_the_file_of_a_killed_process_reads_as_far_as_it_goes(tmp_path):
+    tracker = start_stage(compose(["logger.project=unit"]), "ppo", tmp_path, group="g")
+    for step in range(1, 40):
+        tracker.log({"objective/kl": float(step), "note": "x" * 2000}, step=step)
+    tracker.finish()
+    path = next(find_offline_runs(tmp_path)[0].glob("*.wandb"))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # torn mid-chunk, as a kill leaves it
+    steps = logged_steps(tmp_path, tracker.run_id)
+    assert steps and steps == set(range(1, max(steps) + 1)) and max(steps) < 39
+    path.write_bytes(data[:3])  # not even a header
+    assert logged_steps(tmp_path, tracker.run_id) == set()

@@ -4,7 +4,8 @@ Layout under a stage directory::
 
     checkpoints/
       checkpoint-000012/          the newest complete checkpoint (update 12 done)
-        meta.json                 update, episodes, W&B run id, batch settings
+        meta.json                 update, episodes, W&B run id, batch settings, the stage key it belongs to
+        manifest.json             relative path, size and sha256 of every other file; written last
         policy/                   save_pretrained policy + tokenizer (plain `transformers` loads it)
         critic/                   save_pretrained critic (when there is one)
         accelerate/               `Accelerator.save_state`: prepared models, optimizers, schedulers, KL controller,
@@ -12,11 +13,14 @@ Layout under a stage directory::
       .tmp-checkpoint-000016/     a checkpoint being written (ignored, removed by the next save)
 
 A kill at any moment leaves the previous `checkpoint-*` intact: the new one only becomes visible by an atomic
-directory rename after every file in it was fsynced. `Accelerator.save_state` handles DDP, FSDP and DeepSpeed.
+directory rename after every file in it was fsynced. Loading verifies the manifest first, so a file truncated or
+changed later (a full disk, a copy cut short) refuses the checkpoint instead of resuming inexactly.
+`Accelerator.save_state` handles DDP, FSDP and DeepSpeed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +35,7 @@ CHECKPOINTS = "checkpoints"
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 META = "meta.json"
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(ValueError):
@@ -61,23 +66,77 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
 
 
 def read_resume_run_id(stage_dir: str | Path) -> str | None:
-    """The W&B run id stored in the stage's newest checkpoint (None when there is none).
-
-    The pipeline calls this before it starts the stage's tracker, so a resumed PPO stage logs into the same run:
-    `start_stage(cfg, "ppo", run_dir, group, resume_id=read_resume_run_id(run_dir / "ppo"))`.
-    """
+    """The W&B run id stored in the stage's newest checkpoint (None when there is none)."""
     checkpoint = latest_checkpoint(stage_dir)
     if checkpoint is None:
         return None
     return read_meta(checkpoint).get("wandb_run_id")
 
 
-def _corrupt(checkpoint: Path, error: BaseException) -> str:
-    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+def resumable_checkpoint(stage_dir: str | Path, key: str | None, quiet: bool = False) -> Path | None:
+    """The newest checkpoint to resume from: verified whole (CheckpointError otherwise) and written for the stage
+    key `key` (any key when None). A checkpoint of another key is not resumed: one log line says so (unless
+    `quiet`: the pipeline asks before the stage, which says it once)."""
+    checkpoint = latest_checkpoint(stage_dir)
+    if checkpoint is None:
+        return None
+    verify_checkpoint(checkpoint)
+    written_for = read_meta(checkpoint).get("stage_key")
+    if key is not None and written_for != key:
+        if quiet:
+            return None
+        log.info(
+            "%s was written for another config or upstream (key %s, now %s): starting over",
+            checkpoint,
+            written_for,
+            key,
+        )
+        return None
+    return checkpoint
+
+
+def _corrupt(checkpoint: Path, error: BaseException | str) -> str:
+    what = (
+        error
+        if isinstance(error, str)
+        else f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0][:200]
+    )
     return (
-        f"checkpoint {checkpoint} is corrupt or incomplete ({type(error).__name__}: {first_line}); "
+        f"checkpoint {checkpoint} is corrupt or incomplete ({what}); "
         "delete that directory to start over, or set ppo.resume=false"
     )
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def build_manifest(root: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "sha256"}} of every file under `root` but the manifest itself."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != MANIFEST)
+    return {
+        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files
+    }
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """CheckpointError naming the first file that is missing or differs from the checkpoint's manifest."""
+    try:
+        manifest = json.loads((checkpoint / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(_corrupt(checkpoint, f"no readable {MANIFEST}: {type(e).__name__}")) from None
+    for rel, expected in manifest.items():
+        path = checkpoint / rel
+        if not path.is_file():
+            raise CheckpointError(_corrupt(checkpoint, f"{rel} is missing"))
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(
+                _corrupt(checkpoint, f"{rel} has {size} bytes, the manifest {expected['size']}")
+            )
+        if file_sha256(path) != expected["sha256"]:
+            raise CheckpointError(_corrupt(checkpoint, f"{rel} differs from its sha256 in the manifest"))
 
 
 @contextmanager
@@ -151,6 +210,9 @@ def save_checkpoint(
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp / name)
         (tmp / META).write_text(json.dumps({**meta, "update": update}, indent=1))
+        (tmp / MANIFEST).write_text(
+            json.dumps(build_manifest(tmp), indent=1)
+        )  # last: it vouches for the rest
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -165,7 +227,9 @@ def save_checkpoint(
 
 
 def load_checkpoint(accelerator, checkpoint: Path) -> dict[str, Any]:
-    """Restore the prepared models, optimizers, registered objects and RNG states; return meta.json."""
+    """Verify the manifest, then restore the prepared models, optimizers, registered objects and RNG states;
+    return meta.json."""
+    verify_checkpoint(checkpoint)
     meta = read_meta(checkpoint)
     try:
         with _quiet():

@@ -3,7 +3,8 @@
 One update (`PPOTrainer.step`) reads like the algorithm:
 
     1. rollout    each process plays batch_size / num_processes episodes with the current policy
-    2. score      environment reward and/or reward-model score, minus the missing-EOS penalty
+    2. score      the rubric's weighted components (environment reward, reward-model score, ...; `rlhf.rewards`),
+                  minus the missing-EOS penalty
     3. ref + V    reference log-probabilities and the critic's values of the same tokens
     4. rewards    per token: score - kl_coef * kl (ppo.kl_in=reward), or the score alone (kl_in=loss)
     5. advantages GAE with the critic, or group baselines (GRPO / RLOO) of the scores over num_generations samples
@@ -13,7 +14,7 @@ One update (`PPOTrainer.step`) reads like the algorithm:
 
 The math lives in `ops`, `advantages`, `kl` and `losses` (pure tensor functions); this module only wires it.
 No Hydra and no W&B here: `config` is any object with `PPOConfig`'s fields and `tracker` anything with
-`log(metrics, step)` and `log_table(key, columns, rows, step)`.
+`log(metrics, step, console)` and `log_table(key, columns, rows, step)` (`rlhf.tracking.StageTracker`).
 
 Dropout is left off (models stay in eval mode), as in TRL: the rollout's log-probabilities must be those the
 update recomputes, so the first PPO ratio is exactly 1.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -39,8 +41,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rlhf.ppo.advantages import gae, group_token_advantages
-from rlhf.ppo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlhf.ppo.kl import KL_ESTIMATORS, kl_penalty, make_kl_controller
+from rlhf.ppo.checkpoint import (
+    checkpoint_root,
+    latest_checkpoint,
+    load_checkpoint,
+    resumable_checkpoint,
+    save_checkpoint,
+)
+from rlhf.ppo.kl import kl_penalty, make_kl_controller
 from rlhf.ppo.losses import kl_loss, policy_loss, value_loss
 from rlhf.ppo.ops import (
     entropy_from_logits,
@@ -51,12 +59,13 @@ from rlhf.ppo.ops import (
 )
 from rlhf.ppo.rollout import EnvFailure, Rollout, position_ids, response_logits, rollout, sequence_logprobs
 from rlhf.reward_scoring import RewardScorer
+from rlhf.rewards import Component, Episodes, build_rubric, component_values, describe, needs_reward_model
+from rlhf.rewards import token_scores as rubric_token_scores
+from rlhf.tokenizer import stop_token_id
+from rlhf.validation import check_ppo
 
 log = logging.getLogger(__name__)
 
-REWARD_SOURCES = ("env", "model", "both")
-ADVANTAGES = ("gae", "grpo", "rloo")
-KL_IN = ("reward", "loss")
 SEED_SPACE = 2**31
 """Training episodes use seeds in [0, 2**31); evaluation uses EVAL_SEED_OFFSET + i, so they never overlap."""
 EVAL_SEED_OFFSET = 2**31
@@ -143,10 +152,15 @@ class PPOTrainer:
         seed: int = 0,
         tracker: Any = None,
         run_id: str | None = None,
+        stage_key: str | None = None,
+        rubric: list[Component] | None = None,
     ) -> None:
         """policy: causal LM (a peft model with LoRA); ref_policy: frozen reference (None with LoRA: the policy with
         its adapters disabled); reward_model, critic: AutoModelForSequenceClassification; make_env: builds one env.
         reward_tokenizer: the reward model's tokenizer when it differs from the policy's (scored on the decoded text).
+        stage_key: the pipeline's key of this stage (`rlhf.stage_keys`): stored in every checkpoint, and only a
+        checkpoint of the same key is resumed (None: any).
+        rubric: the score's components (`rlhf.rewards`); None builds the one of `config.reward_source`.
         """
         self.cfg = cfg = config
         self.acc = acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -155,12 +169,17 @@ class PPOTrainer:
         self.tracker = tracker
         self.run_id = run_id
         self.seed = seed
-        self._check_config(policy, ref_policy, reward_model, critic)
+        self.stage_key = stage_key
+        check_ppo(cfg, acc.num_processes)
+        self.rubric = rubric
+        if rubric is None:
+            self.rubric = build_rubric({}, cfg.reward_source, cfg.env_reward_weight, cfg.model_reward_weight)
+        self._check_inputs(policy, ref_policy, reward_model, critic)
         self.local_batch_size = cfg.batch_size // acc.num_processes
         self.mini_batch_size = self.local_batch_size // cfg.num_mini_batches
         self.num_updates = cfg.total_episodes // cfg.batch_size
         self.group_size = cfg.num_generations if cfg.advantage in ("grpo", "rloo") else 1
-        self.stop_token_id = self._stop_token_id()
+        self.stop_token_id = stop_token_id(tokenizer, cfg.stop_token)
         set_seed(seed + acc.process_index)
 
         # models: the policy (and critic) train, their weights and optimizer state in float32 (low precision only in
@@ -214,75 +233,23 @@ class PPOTrainer:
         self.history_path = self.output_dir / "history.jsonl"
 
     # ------------------------------------------------------------------ setup
-    def _check_config(self, policy, ref_policy, reward_model, critic) -> None:
-        cfg, P = self.cfg, self.acc.num_processes
-        if cfg.reward_source not in REWARD_SOURCES:
+    def _check_inputs(self, policy, ref_policy, reward_model, critic) -> None:
+        """The models passed in fit the config (the config itself is checked by `rlhf.validation.check_ppo`)."""
+        cfg = self.cfg
+        if needs_reward_model(self.rubric) and reward_model is None:
             raise ValueError(
-                f"ppo.reward_source={cfg.reward_source!r} is not one of {', '.join(REWARD_SOURCES)}"
+                f"the reward {describe(self.rubric)} (ppo.reward_source={cfg.reward_source}) needs a reward model "
+                "(ppo.reward_model_path)"
             )
-        if cfg.reward_source in ("model", "both") and reward_model is None:
-            raise ValueError(
-                f"ppo.reward_source={cfg.reward_source} needs a reward model (ppo.reward_model_path)"
-            )
-        if cfg.advantage not in ADVANTAGES:
-            raise ValueError(f"ppo.advantage={cfg.advantage!r} is not one of {', '.join(ADVANTAGES)}")
         if cfg.advantage == "gae" and critic is None:
             raise ValueError("ppo.advantage=gae needs a critic; pass one or use ppo.advantage=grpo|rloo")
         if ref_policy is None and not hasattr(policy, "disable_adapter"):
             raise ValueError("no reference policy: pass one, or train LoRA adapters (model.lora.r > 0)")
-        if cfg.batch_size % P:
-            raise ValueError(f"ppo.batch_size={cfg.batch_size} must be divisible by the {P} processes")
-        local = cfg.batch_size // P
-        if local % cfg.num_mini_batches:
-            raise ValueError(
-                f"ppo.batch_size / processes = {local} must be divisible by ppo.num_mini_batches={cfg.num_mini_batches}"
-            )
-        if cfg.advantage in ("grpo", "rloo") and (cfg.num_generations < 2 or local % cfg.num_generations):
-            raise ValueError(
-                f"ppo.advantage={cfg.advantage} needs ppo.num_generations >= 2 dividing the per-process batch {local}"
-            )
-        if cfg.total_episodes < cfg.batch_size:
-            raise ValueError(
-                f"ppo.total_episodes={cfg.total_episodes} must be >= ppo.batch_size={cfg.batch_size}"
-            )
-        if not cfg.temperature > 0:
-            raise ValueError(f"ppo.temperature must be > 0 for PPO sampling, got {cfg.temperature}")
-        if cfg.kl_in not in KL_IN:
-            raise ValueError(f"ppo.kl_in={cfg.kl_in!r} is not one of {', '.join(KL_IN)}")
-        if cfg.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(
-                f"ppo.kl_estimator={cfg.kl_estimator!r} is not one of {', '.join(KL_ESTIMATORS)}"
-            )
-        if cfg.kl_in == "reward" and cfg.kl_estimator != "k1":
-            raise ValueError(
-                f"ppo.kl_estimator={cfg.kl_estimator} is >= 0 on every token and biased as a reward; "
-                "use ppo.kl_estimator=k1 or set ppo.kl_in=loss"
-            )
-        if cfg.kl_in == "loss" and cfg.kl_estimator == "k1":
-            raise ValueError(
-                "ppo.kl_in=loss with ppo.kl_estimator=k1 has a zero gradient in expectation; "
-                "use ppo.kl_estimator=k3 (GRPO's) or k2"
-            )
-        if cfg.weight_decay < 0:
-            raise ValueError(f"ppo.weight_decay must be >= 0, got {cfg.weight_decay}")
         if getattr(self.acc, "scaler", None) is not None and cfg.advantage == "gae" and critic is not None:
             raise ValueError(
                 "float16 mixed precision (model.dtype=float16) scales the loss for one optimizer at a time and "
                 "would mis-scale the critic's; use model.dtype=bfloat16 or float32, or ppo.advantage=grpo|rloo"
             )
-
-    def _stop_token_id(self) -> int | None:
-        stop = self.cfg.stop_token
-        if stop is None:
-            return None
-        if stop == "eos":
-            return self.tokenizer.eos_token_id
-        token_id = self.tokenizer.convert_tokens_to_ids(stop)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise ValueError(
-                f"ppo.stop_token={stop!r} is not a token of the policy's tokenizer; use eos or null"
-            )
-        return token_id
 
     def _lr_lambda(self, update: int) -> float:
         """Linear decay to 0 over the run, stepped once per update."""
@@ -326,8 +293,8 @@ class PPOTrainer:
 
         Returns the last update's metrics.
         """
-        if self.update == 0 and not (self.cfg.resume and self.resume()) and self.acc.is_main_process:
-            self.history_path.unlink(missing_ok=True)  # a fresh start: no rows of an earlier run
+        if self.update == 0 and not (self.cfg.resume and self.resume()):
+            self._start_over()
         stop = self.num_updates if max_updates is None else min(self.num_updates, self.update + max_updates)
         bar = tqdm(
             total=self.num_updates,
@@ -365,8 +332,9 @@ class PPOTrainer:
         ro = self._rollout()
         mask = ro.action_mask  # (B, R)
         t1 = time.perf_counter()
-        # 2. score: per-token placement of env rewards (turn ends) and/or the reward model's score (last token)
-        token_scores, scores, model_scores = self._score(ro)  # (B, R), (B,), (B,) | None
+        # 2. score: the rubric's weighted components per token (env rewards at turn ends, the others at the last
+        #    token); components: {name: (B,)} unweighted, for the metrics
+        token_scores, scores, model_scores, components = self._score(ro)  # (B, R), (B,), (B,) | None
         # 3. reference log-probabilities and values of the sampled tokens
         ref_logprobs = self._ref_logprobs(ro)  # (B, R)
         values = self._values(ro)  # (B, R)
@@ -410,6 +378,8 @@ class PPOTrainer:
         }
         if model_scores is not None:
             local["reward/model_score"] = (model_scores.sum(), n)
+        for name, values_ in components.items():  # every component, weight 0 included
+            local[f"reward/{name}"] = (values_.sum(), n)
         # over the episodes that report it, on any process (absent only when none anywhere does)
         success = [float(info["success"]) for info in ro.infos if "success" in info]
         local["env/success_rate"] = (torch.tensor(sum(success)), len(success))
@@ -451,14 +421,13 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ 2. score
     @torch.no_grad()
-    def _score(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Token scores (B, R) on action tokens, their per-episode sums (B,), and the raw reward-model scores."""
+    def _score(
+        self, ro: Rollout
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Token scores (B, R) on action tokens, their per-episode sums (B,), the raw reward-model scores (B,) (None
+        without a reward model) and every rubric component's values {name: (B,)}, weight 0 included."""
         cfg = self.cfg
         mask = ro.action_mask
-        token_scores = torch.zeros_like(ro.logprobs)  # (B, R)
-        if cfg.reward_source in ("env", "both"):
-            weight = cfg.env_reward_weight if cfg.reward_source == "both" else 1.0
-            token_scores += weight * ro.turn_rewards
         model_scores = None
         if self.reward_scorer is not None:
             model_scores = self.reward_scorer.score(ro)  # (B,) as the reward stage scored its pairs
@@ -466,19 +435,25 @@ class PPOTrainer:
                 raise ValueError(
                     "the reward model returned NaN/inf scores; check the reward model (training stopped)"
                 )
-        if cfg.reward_source in ("model", "both"):
-            weight = cfg.model_reward_weight if cfg.reward_source == "both" else 1.0
-            last = last_true_index(mask)  # (B,) the episode's last policy token
-            token_scores[torch.arange(len(ro)), last] += weight * model_scores
+        episodes = Episodes(
+            prompts=ro.queries,
+            completions=["\n".join(replies) for replies in ro.replies],
+            infos=ro.infos,
+            env_rewards=ro.env_rewards,
+            lengths=ro.response_lengths,
+            model_scores=model_scores,
+        )
+        components = component_values(self.rubric, episodes)  # {name: (B,)}
+        last = last_true_index(mask)  # (B,) the episode's last policy token
+        token_scores = rubric_token_scores(self.rubric, components, ro.turn_rewards, last)  # (B, R)
         if cfg.missing_eos_penalty is not None and self.stop_token_id is not None:
             token_scores -= cfg.missing_eos_penalty * (ro.turn_ends & ~ro.turn_eos).float()
         if cfg.normalize_scores:
             scores = token_scores.sum(1)
             self.score_moments.update(self.acc.gather(scores))
-            last = last_true_index(mask)
             token_scores = token_scores / self.score_moments.std
             token_scores[torch.arange(len(ro)), last] -= self.score_moments.mean / self.score_moments.std
-        return token_scores, token_scores.sum(1), model_scores
+        return token_scores, token_scores.sum(1), model_scores, components
 
     # ------------------------------------------------------------------ 3. reference and values
     @torch.no_grad()
@@ -655,9 +630,7 @@ class PPOTrainer:
             f.write(json.dumps(row) + "\n")
         if self.tracker is None:
             return
-        if self.cfg.log_every > 0 and (
-            self.update % self.cfg.log_every == 0 or self.update == self.num_updates
-        ):
+        if self._tracked(self.update):
             self.tracker.log(metrics, step=self.update)
         if self.cfg.samples_every > 0 and (self.update % self.cfg.samples_every == 0 or self.update == 1):
             scores = ro.env_rewards.tolist()
@@ -679,13 +652,31 @@ class PPOTrainer:
             "num_processes": self.acc.num_processes,
             "seed": self.seed,
             "wandb_run_id": self.run_id,
+            "stage_key": self.stage_key,
         }
         self.last_checkpoint = save_checkpoint(self.acc, self.output_dir, self.update, meta, pretrained)
         return self.last_checkpoint
 
+    def _tracked(self, update: int) -> bool:
+        """Whether update `update`'s metrics go to the tracker (every log_every, and the last)."""
+        every = self.cfg.log_every
+        return every > 0 and (update % every == 0 or update == self.num_updates)
+
+    def _start_over(self) -> None:
+        """A fresh start: no history rows and no checkpoints of an earlier run stay behind to be mistaken for ours."""
+        if self.acc.is_main_process:
+            self.history_path.unlink(missing_ok=True)
+            shutil.rmtree(checkpoint_root(self.output_dir), ignore_errors=True)
+        self.acc.wait_for_everyone()
+
     def resume(self) -> bool:
-        """Continue from the newest checkpoint in output_dir, if any (weights, optimizers, RNGs, counters)."""
-        checkpoint = latest_checkpoint(self.output_dir)
+        """Continue from the newest checkpoint in output_dir, if any (weights, optimizers, RNGs, counters).
+
+        Only a whole checkpoint (its manifest verified) of this trainer's stage key is resumed. The history rows up
+        to the checkpoint are replayed into the tracker, which writes only the steps its W&B run does not hold yet
+        (a killed process may not have flushed them), so the run's history has every update exactly once.
+        """
+        checkpoint = resumable_checkpoint(self.output_dir, self.stage_key)
         if checkpoint is None:
             return False
         meta = load_checkpoint(self.acc, checkpoint)
@@ -704,8 +695,13 @@ class PPOTrainer:
         self.last_checkpoint = checkpoint
         if self.acc.is_main_process and self.history_path.exists():
             # updates logged after the checkpoint are redone: drop them from the history
-            lines = [ln for ln in self.history_path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln)["update"] <= self.update]
-            self.history_path.write_text("".join(ln + "\n" for ln in kept))
+            rows = [json.loads(ln) for ln in self.history_path.read_text().splitlines() if ln.strip()]
+            kept = [row for row in rows if row["update"] <= self.update]
+            self.history_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            if self.tracker is not None:
+                for row in kept:
+                    if self._tracked(row["update"]):
+                        metrics = {k: v for k, v in row.items() if k != "update"}
+                        self.tracker.log(metrics, step=row["update"], console=False)
         log.info("resumed PPO from %s (update %d/%d)", checkpoint, self.update, self.num_updates)
         return True

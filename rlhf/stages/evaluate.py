@@ -1,6 +1,6 @@
 """Evaluate stage: the SFT and PPO policies on held-out environment episodes, side by side.
 
-For each policy available (`sft` and `ppo`, from upstream, from `ppo.policy_path`, or from `<run dir>/<stage>`),
+For each policy available (`sft` and `ppo`, from upstream or from `ppo.policy_path`),
 `evaluate.num_prompts` episodes with seeds disjoint from PPO's training seeds report:
 
     <policy>/gold_reward      the environment's reward (ground truth), mean per episode
@@ -9,6 +9,7 @@ For each policy available (`sft` and `ppo`, from upstream, from `ppo.policy_path
                               samples; the reference is the SFT policy), 0 for the SFT policy itself
     <policy>/response_length  policy tokens per episode
     <policy>/success_rate     share of successful episodes, for environments that report `info["success"]`
+    <policy>/reward/<name>    each component of the task's reward rubric (`rlhf.rewards`), weight 0 included
 
 plus `gold_reward_gain` = ppo - sft. Both policies play the same episodes (same seeds) with the same sampling
 seed. A short before/after table goes to the console; a samples table to W&B; everything to `eval.json`.
@@ -22,6 +23,7 @@ import logging
 import torch
 from accelerate import PartialState
 
+from rlhf import task
 from rlhf.config import RLHFConfig
 from rlhf.models import (
     check_tokenizers_match,
@@ -31,8 +33,9 @@ from rlhf.models import (
     resolve_device,
 )
 from rlhf.reward_scoring import RewardScorer
-from rlhf.stages.base import StageContext, StageResult
-from rlhf.stages.ppo import model_input
+from rlhf.rewards import Component, Episodes, component_values
+from rlhf.stages.base import StageContext, StageResult, upstream_model
+from rlhf.tokenizer import stop_token_id
 
 log = logging.getLogger("rlhf")
 
@@ -40,34 +43,34 @@ POLICIES = ("sft", "ppo")
 
 
 def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
-    from envs import make
     from rlhf.ppo.trainer import EVAL_SEED_OFFSET
 
     e = cfg.evaluate
-    if e.num_prompts < 1 or e.batch_size < 1:
-        raise ValueError("evaluate.num_prompts and evaluate.batch_size must be >= 1")
     paths = {
-        "sft": model_input(ctx, cfg.ppo.policy_path, "sft", "ppo.policy_path", required=False),
-        "ppo": model_input(ctx, None, "ppo", "", required=False),
+        "sft": upstream_model(ctx, cfg.ppo.policy_path, "sft", "evaluate", None),
+        "ppo": upstream_model(ctx, None, "ppo", "evaluate", None),
     }
     paths = {name: path for name, path in paths.items() if path is not None}
     if not paths:
         raise ValueError(
             "nothing to evaluate: run the sft and/or ppo stage first, or set ppo.policy_path=<model dir>"
         )
-    reward_path = model_input(
-        ctx, cfg.ppo.reward_model_path, "reward", "ppo.reward_model_path", required=False
-    )
+    reward_path = upstream_model(ctx, cfg.ppo.reward_model_path, "reward", "evaluate", None)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(next(iter(paths.values())))
     scorer = None
     if reward_path is not None:
         reward_model = load_reward_model(reward_path, cfg.model.dtype).to(device).eval()
-        scorer = RewardScorer(reward_model, load_tokenizer(reward_path), tokenizer, cfg.ppo.forward_batch_size)
+        scorer = RewardScorer(
+            reward_model, load_tokenizer(reward_path), tokenizer, cfg.ppo.forward_batch_size
+        )
     reference = (
         load_causal_lm(paths.get("sft", next(iter(paths.values()))), cfg.model.dtype).to(device).eval()
     )
-    envs = [make(cfg.task.env_id) for _ in range(min(e.batch_size, e.num_prompts))]
+    rubric = task.rubric(cfg)
+    if scorer is None:  # no reward model to evaluate with: its component is left out
+        rubric = [c for c in rubric if c.kind != "model"]
+    envs = [task.make_env(cfg) for _ in range(min(e.batch_size, e.num_prompts))]
     seeds = [EVAL_SEED_OFFSET + i for i in range(e.num_prompts)]
 
     metrics: dict[str, float] = {}
@@ -76,7 +79,7 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
         check_tokenizers_match(tokenizer, load_tokenizer(path), f"evaluate: {name} policy {path}")
         policy = reference if name == "sft" else load_causal_lm(path, cfg.model.dtype).to(device)
         torch.manual_seed(ctx.seed)  # the same sampling noise for every policy
-        result = evaluate_policy(cfg, policy.eval(), reference, scorer, tokenizer, envs, seeds)
+        result = evaluate_policy(cfg, policy.eval(), reference, scorer, tokenizer, envs, seeds, rubric)
         metrics.update({f"{name}/{k}": v for k, v in result.pop("metrics").items()})
         samples += [[name, *row] for row in result["rows"][: e.num_samples]]
     if "sft/gold_reward" in metrics and "ppo/gold_reward" in metrics:
@@ -97,16 +100,18 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
 
 
 @torch.no_grad()
-def evaluate_policy(cfg: RLHFConfig, policy, reference, scorer, tokenizer, envs, seeds) -> dict:
-    """Play every seed once with `policy`; gold, proxy, KL to `reference`, lengths, sample rows."""
+def evaluate_policy(
+    cfg: RLHFConfig, policy, reference, scorer, tokenizer, envs, seeds, rubric: list[Component] = ()
+) -> dict:
+    """Play every seed once with `policy`; gold, proxy, KL to `reference`, lengths, the rubric's components,
+    sample rows."""
     from rlhf.ppo.rollout import rollout, sequence_logprobs
 
     e = cfg.evaluate
-    stop = tokenizer.eos_token_id if cfg.ppo.stop_token == "eos" else None
-    if cfg.ppo.stop_token not in (None, "eos"):
-        stop = tokenizer.convert_tokens_to_ids(cfg.ppo.stop_token)
+    stop = stop_token_id(tokenizer, cfg.ppo.stop_token)
     temperature = e.temperature if e.temperature > 0 else 1.0
     gold, proxy, kl, length, success, rows = [], [], [], [], [], []
+    components: dict[str, list[torch.Tensor]] = {c.name: [] for c in rubric}
     for start in range(0, len(seeds), len(envs)):
         batch_seeds = seeds[start : start + len(envs)]
         ro = rollout(
@@ -130,6 +135,16 @@ def evaluate_policy(cfg: RLHFConfig, policy, reference, scorer, tokenizer, envs,
         if scorer is not None:
             scores = scorer.score(ro).cpu()
             proxy.append(scores)
+        episodes = Episodes(
+            prompts=ro.queries,
+            completions=["\n".join(replies) for replies in ro.replies],
+            infos=ro.infos,
+            env_rewards=ro.env_rewards.cpu(),
+            lengths=ro.response_lengths.cpu(),
+            model_scores=scores if scorer is not None else None,
+        )
+        for name, values in component_values(rubric, episodes).items():
+            components[name].append(values)
         rows += [
             [q, t, g, s]
             for q, t, g, s in zip(ro.queries, ro.transcripts, ro.env_rewards.tolist(), scores.tolist())
@@ -143,6 +158,7 @@ def evaluate_policy(cfg: RLHFConfig, policy, reference, scorer, tokenizer, envs,
         metrics["proxy_reward"] = torch.cat(proxy).mean().item()
     if len(success) == len(seeds):
         metrics["success_rate"] = sum(success) / len(success)
+    metrics |= {f"reward/{name}": torch.cat(values).mean().item() for name, values in components.items()}
     return {"metrics": metrics, "rows": rows}
 
 

@@ -6,9 +6,10 @@ policy (`save_pretrained`, LoRA merged, with its tokenizer) at `ctx.output_dir`,
 `ctx.output_dir/critic`, `history.jsonl` (metrics per update), checkpoints under `ctx.output_dir/checkpoints`,
 and a plot of reward and KL over updates at `<run dir>/ppo_curves.png`.
 
-Resume: with `ppo.resume=true` (default) a rerun in the same run directory continues from the newest checkpoint.
-The pipeline starts the stage's W&B run with `rlhf.ppo.checkpoint.read_resume_run_id(run_dir / "ppo")`, so the
-resumed stage logs into the same run.
+Resume: with `ppo.resume=true` (default) a rerun in the same run directory continues from the newest checkpoint
+when it is whole and carries this stage's key (`ctx.key`); the registry's resume hook hands its W&B run id to the
+pipeline, so the resumed stage logs into the same run, and the trainer replays the history the killed process may
+not have flushed.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import json
 import logging
 from pathlib import Path
 
+import gymnasium
 from accelerate import Accelerator
 
+from rlhf import task
 from rlhf.config import RLHFConfig
 from rlhf.formatting import ChatFormat, FormatMismatch
 from rlhf.models import (
@@ -29,7 +32,9 @@ from rlhf.models import (
     resolve_device,
 )
 from rlhf.reward_scoring import same_vocabulary
-from rlhf.stages.base import StageContext, StageResult
+from rlhf.rewards import describe, needs_reward_model
+from rlhf.stages import REGISTRY
+from rlhf.stages.base import StageContext, StageResult, upstream_model
 
 log = logging.getLogger("rlhf")
 
@@ -45,32 +50,11 @@ SUMMARY_KEYS = (
 )
 
 
-def model_input(
-    ctx: StageContext, explicit: str | None, stage: str, key: str, required: bool = True
-) -> str | None:
-    """A model location: the explicit config path, else the upstream stage's artifact, else `<run dir>/<stage>`."""
-    if explicit:
-        return explicit
-    if stage in ctx.upstream:
-        return str(ctx.upstream[stage].artifact)
-    previous = ctx.run_dir / stage
-    if (previous / "config.json").exists():
-        return str(previous)
-    if required:
-        raise ValueError(
-            f"no {stage} model: run the {stage} stage first (stages=[{stage},...]) or set {key}=<model dir>"
-        )
-    return None
-
-
-def check_rollout_format(tokenizer, env_id: str) -> None:
+def check_rollout_format(tokenizer, env: gymnasium.Env) -> None:
     """Refuse, before training, a tokenizer whose chat template the rollout would not reproduce token for token.
 
     The sample dialogue is the environment's own first message, twice, with a short reply after each.
     """
-    from envs import make
-
-    env = make(env_id)
     obs, _ = env.reset(seed=0)
     reply = "ok"
     try:
@@ -82,27 +66,21 @@ def check_rollout_format(tokenizer, env_id: str) -> None:
 
 
 def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
-    from envs import make
     from rlhf.ppo.trainer import PPOTrainer
 
     p = cfg.ppo
-    if p.critic_init not in ("reward", "sft"):
-        raise ValueError(f"ppo.critic_init={p.critic_init!r} is not one of reward, sft")
-    policy_path = model_input(ctx, p.policy_path, "sft", "ppo.policy_path")
-    reward_path = model_input(ctx, p.reward_model_path, "reward", "ppo.reward_model_path", required=False)
-    if reward_path is None and p.reward_source in ("model", "both"):
+    reads = REGISTRY["ppo"].reads(cfg)
+    policy_path = upstream_model(ctx, p.policy_path, "sft", "ppo", reads.get("sft"))
+    reward_path = upstream_model(ctx, p.reward_model_path, "reward", "ppo", reads.get("reward"))
+    rubric = task.rubric(cfg)
+    if reward_path is None and needs_reward_model(rubric):
         raise ValueError(
-            f"ppo.reward_source={p.reward_source} needs a reward model: run the reward stage, set "
-            "ppo.reward_model_path=<dir>, or use ppo.reward_source=env"
-        )
-    if reward_path is None and p.advantage == "gae" and p.critic_init == "reward":
-        raise ValueError(
-            "ppo.critic_init=reward needs a reward model: run the reward stage, set ppo.reward_model_path=<dir>, "
-            "or set ppo.critic_init=sft"
+            f"the reward {describe(rubric)} needs a reward model: run the reward stage, set "
+            "ppo.reward_model_path=<dir>, or drop the kind=model component"
         )
 
     tokenizer = load_tokenizer(policy_path)
-    check_rollout_format(tokenizer, cfg.task.env_id)
+    check_rollout_format(tokenizer, task.make_env(cfg))
     reward_tokenizer = load_tokenizer(reward_path) if reward_path is not None else None
     if (
         reward_tokenizer is not None
@@ -132,11 +110,11 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
         critic_path = reward_path if p.critic_init == "reward" else policy_path
         critic = load_reward_model(critic_path, "float32", lora=lora)
     log.info(
-        "[ppo] policy %s | reward model %s | critic %s | reward_source=%s advantage=%s",
+        "[ppo] policy %s | reward model %s | critic %s | reward %s | advantage=%s",
         policy_path,
         reward_path,
         p.critic_init if critic is not None else "none",
-        p.reward_source,
+        describe(rubric),
         p.advantage,
     )
 
@@ -144,7 +122,7 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
         p,
         policy,
         tokenizer,
-        lambda: make(cfg.task.env_id),
+        lambda: task.make_env(cfg),
         output_dir=ctx.output_dir,
         ref_policy=reference,
         reward_model=reward_model,
@@ -154,6 +132,8 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
         seed=ctx.seed,
         tracker=ctx.tracker,
         run_id=ctx.tracker.run_id,
+        stage_key=ctx.key,
+        rubric=rubric,
     )
     trainer.train()
 
@@ -181,14 +161,18 @@ def read_history(stage_dir: Path) -> list[dict]:
 
 
 def summarize(history: list[dict]) -> dict[str, float]:
-    """Stage metrics: each key's mean over the last tenth of the updates (the last one alone is noisy), the first
-    update's gold reward, and the number of updates and episodes."""
+    """Stage metrics: each key's mean over the last tenth of the updates (the last one alone is noisy; the keys of
+    SUMMARY_KEYS and every rubric component's `reward/<name>`), the first update's gold reward, and the number of
+    updates and episodes."""
     if not history:
         return {}
     tail = history[-max(1, len(history) // 10) :]
     metrics = {"updates": float(history[-1]["update"]), "episodes": float(history[-1].get("episode", 0))}
-    for key in SUMMARY_KEYS:
-        values = [row[key] for row in tail if key in row]  # per-episode metrics may be missing in some updates
+    components = [k for k in history[-1] if k.startswith("reward/") and k not in SUMMARY_KEYS]
+    for key in [*SUMMARY_KEYS, *components]:
+        values = [
+            row[key] for row in tail if key in row
+        ]  # per-episode metrics may be missing in some updates
         if values:
             metrics[key] = sum(values) / len(values)
     if "env/gold" in history[0]:

@@ -20,7 +20,7 @@ from rlhf.config import RLHFConfig
 from rlhf.formatting import ChatFormat, single_text
 from rlhf.models import load_reward_model, load_tokenizer, merge_lora
 from rlhf.stages.base import StageContext, StageResult
-from rlhf.stages.sft import final_eval, replace_progress, trainer_arguments
+from rlhf.stages.trl_common import final_eval, replace_progress, trainer_arguments
 
 log = logging.getLogger("rlhf")
 

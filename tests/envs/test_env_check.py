@@ -11,7 +11,7 @@ import pytest
 
 import envs
 from envs.base import TextEnv
-from envs.check import main
+from envs.check import NEEDS_DATA, main
 
 
 class NaNRewardEnv(TextEnv):
@@ -70,28 +70,48 @@ BROKEN = {
     "checktest/NaN-v0": (NaNRewardEnv, "reward nan at turn 1 is not finite"),
     "checktest/Unseeded-v0": (UnseededEnv, "not deterministic: reset(seed=0)"),
     "checktest/RawNaN-v0": (RawNaNEnv, "reward nan (float) at turn 1"),
-    "checktest/AcceptsAnything-v0": (AcceptsAnythingEnv, "action (9 characters"),
-    "checktest/DefaultSpaces-v0": (DefaultSpacesEnv, "action_space has min_length=1"),
 }
+LENIENT = {
+    "checktest/AcceptsAnything-v0": (AcceptsAnythingEnv, ["an over-long action (9 characters"]),
+    "checktest/DefaultSpaces-v0": (
+        DefaultSpacesEnv,
+        ["action_space has min_length=1", "action_space charset lacks ' '"],
+    ),
+}
+"""Environments the trainer copes with: they pass, with a WARN line for each thing they do not validate."""
 
 
 @pytest.fixture
 def broken_ids():
-    for env_id, (cls, _) in BROKEN.items():
+    for env_id, (cls, _) in {**BROKEN, **LENIENT}.items():
         gymnasium.register(env_id, entry_point=cls)
     yield BROKEN
-    for env_id in BROKEN:
+    for env_id in {**BROKEN, **LENIENT}:
         del gymnasium.registry[env_id]
 
 
-@pytest.mark.parametrize("env_id", sorted(i for i in gymnasium.registry if i.startswith("rlhf/")))
+@pytest.mark.parametrize(
+    "env_id", sorted(i for i in gymnasium.registry if i.startswith("rlhf/") and i not in NEEDS_DATA)
+)
 def test_every_registered_rlhf_id_passes(env_id, capsys):
     assert main([env_id]) == 0
     assert capsys.readouterr().out == f"PASS {env_id}\n"
 
 
-def test_builtin_ids_are_registered():
-    assert set(envs.BUILTIN_IDS) <= set(gymnasium.registry)
+def test_builtin_and_adapter_ids_are_registered():
+    assert set(envs.BUILTIN_IDS) | set(envs.ADAPTER_IDS) <= set(gymnasium.registry)
+
+
+@pytest.mark.parametrize("env_id", list(LENIENT))
+def test_what_the_trainer_copes_with_passes_with_warnings(env_id, broken_ids, capsys):
+    assert main([env_id]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"PASS {env_id}"
+    for expected in LENIENT[env_id][1]:
+        assert any(ln.startswith(f"WARN {env_id}: ") and expected in ln for ln in lines[:-1]), (
+            expected,
+            lines,
+        )
 
 
 @pytest.mark.parametrize("env_id", list(BROKEN))
@@ -108,9 +128,15 @@ def test_unknown_id_fails():
 
 
 def test_cli_exit_codes():
-    ok = subprocess.run([sys.executable, "-m", "envs.check"], capture_output=True, text=True, timeout=120)
+    ok = subprocess.run([sys.executable, "-m", "envs.check"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert sorted(ok.stdout.splitlines()) == sorted(f"PASS {i}" for i in envs.BUILTIN_IDS)
+    adapters = set(envs.ADAPTER_IDS) - set(NEEDS_DATA)  # their extras are installed here, as in CI
+    assert sorted(ok.stdout.splitlines()) == sorted(
+        [
+            *(f"PASS {i}" for i in {*envs.BUILTIN_IDS, *adapters}),
+            *(f"SKIP {i}: {w}" for i, w in NEEDS_DATA.items()),
+        ]
+    )
     bad = subprocess.run(
         [sys.executable, "-m", "envs.check", "rlhf/Review-v0", "rlhf/Nope-v0"],
         capture_output=True,

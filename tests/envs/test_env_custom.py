@@ -1,11 +1,14 @@
 """A user's environment in their own package works through `gymnasium.make("pkg.module:Name-v0")`.
 
-ECHO_SOURCE is the README's "Write your own reward environment" example, verbatim.
+ECHO_SOURCE, ECHO_PRESET and ECHO_TRAIN are the README's "Write your own reward environment" example, its preset
+file and its training command, read from the README itself.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -17,65 +20,23 @@ import pytest
 import envs
 from envs.base import TextEnv
 
-ECHO_SOURCE = '''\
-"""my_pkg/echo.py: the environment says a word; the policy should say it back."""
-import gymnasium
-import numpy as np
-
-from envs.base import TextEnv, bradley_terry_pair
-
-WORDS = ["apple", "river", "stone", "cloud", "green"]
+REPO = Path(__file__).resolve().parents[2]
+README = (REPO / "README.md").read_text()
 
 
-class EchoEnv(TextEnv):
-    """Single-turn. Reward: 1 if the reply is exactly the word, 0.5 if it contains it, else 0."""
-
-    charset = "abcdefghijklmnopqrstuvwxyz "
-    max_action_length = 64
-    max_observation_length = 16
-
-    def _reset(self, options):
-        self._word = WORDS[self.np_random.integers(len(WORDS))]  # randomness only via np_random
-        return self._word, {}  # first observation, info
-
-    def _step(self, action):
-        reward = self.gold_reward(self._word, action)
-        return "", reward, True, {"gold": reward}  # observation, reward, terminated, info
-
-    def reference_action(self):
-        return self._word
-
-    @classmethod
-    def vocabulary(cls):  # every word of observations and data: the tiny tokenizer is built from it
-        return WORDS
-
-    @classmethod
-    def gold_reward(cls, prompt, completion):
-        words = completion.split()
-        return 1.0 if words == [prompt] else 0.5 if prompt in words else 0.0
-
-    @classmethod
-    def demonstrations(cls, n, seed):  # SFT data, imperfect on purpose: 30% echo a random word
-        rng = np.random.default_rng(seed)
-        rows = []
-        for _ in range(n):
-            word = WORDS[rng.integers(len(WORDS))]
-            reply = word if rng.random() < 0.7 else WORDS[rng.integers(len(WORDS))]
-            rows.append({"prompt": word, "completion": reply})
-        return rows
-
-    @classmethod
-    def preferences(cls, n, seed):  # reward-model data, noisy labels
-        rng = np.random.default_rng(seed)
-        rows = []
-        for _ in range(n):
-            word, other = rng.choice(WORDS, size=2, replace=False)
-            rows.append(bradley_terry_pair(rng, str(word), str(word), str(other), 1.0, 0.0, temperature=0.25))
-        return rows
+def readme_block(first_line: str) -> str:
+    """The README's fenced block that starts with `first_line`, verbatim."""
+    start = README.index(first_line)
+    return README[start : README.index("```", start)]
 
 
-gymnasium.register("Echo-v0", entry_point="my_pkg.echo:EchoEnv")
-'''
+ECHO_SOURCE = readme_block('"""my_pkg/echo.py')
+ECHO_PRESET = readme_block("# @package _global_\n# my_pkg/conf/experiment/echo.yaml")
+ECHO_TRAIN = next(
+    line
+    for line in README.splitlines()
+    if line.startswith("PYTHONPATH=. rlhf ") and "experiment=echo" in line
+)
 
 BAD_SOURCE = """\
 import gymnasium
@@ -179,3 +140,30 @@ def test_cli_on_user_packages_via_pythonpath(user_packages):
     assert out.returncode == 0, out.stderr
     word, reward = out.stdout.split()
     assert word in ("apple", "river", "stone", "cloud", "green") and reward == "1.0"
+
+
+@pytest.mark.slow
+def test_the_readmes_training_command_learns_the_echo_task(tmp_path):
+    """The README's example, preset and command, exactly: gold reward +0.20 or more over SFT on held-out episodes
+    (measured: 0.53 -> 0.96 in about 30 s). Without <reply> ending the tiny tokenizer's user turns the SFT model
+    cannot tell the prompt from its own reply and this gain stays near 0."""
+    (tmp_path / "my_pkg" / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "my_pkg" / "__init__.py").touch()
+    (tmp_path / "my_pkg" / "echo.py").write_text(ECHO_SOURCE)
+    (tmp_path / "my_pkg" / "conf" / "experiment" / "echo.yaml").write_text(ECHO_PRESET)
+    words = shlex.split(ECHO_TRAIN.split("#")[0])
+    assert words[:2] == ["PYTHONPATH=.", "rlhf"], ECHO_TRAIN
+    # PYTHONPATH=. as the README says, plus this checkout (whatever rlhf the environment has installed)
+    path = os.pathsep.join([str(tmp_path), str(REPO)])
+    env = {**os.environ, "PYTHONPATH": path, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf", *words[2:], "hydra.run.dir=run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "evaluate" / "eval.json").read_text())["metrics"]
+    assert metrics["gold_reward_gain"] >= 0.20, metrics

@@ -12,7 +12,12 @@ from envs.base import TextEnv, label_accuracy_ceiling
 from envs.guess import GuessNumberEnv
 from envs.review import ReviewEnv
 
-MODULES = {"rlhf/Review-v0": review, "rlhf/Review-v1": review, "rlhf/Arithmetic-v0": arithmetic, "rlhf/GuessNumber-v0": guess}
+MODULES = {
+    "rlhf/Review-v0": review,
+    "rlhf/Review-v1": review,
+    "rlhf/Arithmetic-v0": arithmetic,
+    "rlhf/GuessNumber-v0": guess,
+}
 
 
 def episode(env: TextEnv, seed: int, policy) -> tuple[list, float]:

@@ -76,7 +76,7 @@ def tokenizer():
 
 
 def tiny_llama(tokenizer, seed: int = 0, eos_bias: float | None = None) -> LlamaForCausalLM:
-    """A ~50k-parameter Llama; `eos_bias` adds a bias to the EOS logit (and forbids <pad>/<unk>)."""
+    """A ~50k-parameter Llama; `eos_bias` adds a bias to the EOS logit (and forbids the other special tokens)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -98,7 +98,8 @@ def tiny_llama(tokenizer, seed: int = 0, eos_bias: float | None = None) -> Llama
             head.weight.copy_(model.lm_head.weight)
             head.bias.zero_()
             head.bias[tokenizer.eos_token_id] = eos_bias
-            head.bias[tokenizer.pad_token_id] = -30.0
-            head.bias[tokenizer.unk_token_id] = -30.0
+            for special in tokenizer.all_special_ids:  # <pad>, <unk>, <reply>: never a reply's token
+                if special != tokenizer.eos_token_id:
+                    head.bias[special] = -30.0
         model.lm_head = head
     return model.eval()

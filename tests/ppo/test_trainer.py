@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -47,7 +48,16 @@ def critic_from(policy, seed=1):
 
 
 def make_trainer(
-    tokenizer, tmp_path, cfg=BASE, env=ToyEnv, seed=0, model_seed=0, critic=True, reward_model=None
+    tokenizer,
+    tmp_path,
+    cfg=BASE,
+    env=ToyEnv,
+    seed=0,
+    model_seed=0,
+    critic=True,
+    reward_model=None,
+    stage_key=None,
+    tracker=None,
 ):
     reference = tiny_llama(tokenizer, seed=0)  # the frozen SFT model: the same in every run
     policy = tiny_llama(tokenizer, seed=model_seed)
@@ -62,6 +72,8 @@ def make_trainer(
         reward_model=reward_model,
         seed=seed,
         run_id="run-abc",
+        stage_key=stage_key,
+        tracker=tracker,
     )
 
 
@@ -191,6 +203,69 @@ def test_corrupt_checkpoint_is_a_one_line_error(tokenizer, tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_a_truncated_rng_state_refuses_the_checkpoint_naming_the_file(tokenizer, tmp_path):
+    cfg = replace(BASE, total_episodes=16)
+    make_trainer(tokenizer, tmp_path, cfg).train()
+    ckpt = latest_checkpoint(tmp_path)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert {"meta.json", "accelerate/random_states_0.pkl", "policy/model.safetensors"} <= set(manifest)
+    rng = ckpt / "accelerate" / "random_states_0.pkl"
+    rng.write_bytes(rng.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"random_states_0.pkl has \d+ bytes, the manifest \d+") as info:
+        make_trainer(tokenizer, tmp_path, cfg).resume()
+    assert str(ckpt) in str(info.value) and "\n" not in str(info.value)
+    rng.unlink()
+    with pytest.raises(CheckpointError, match="random_states_0.pkl is missing"):
+        make_trainer(tokenizer, tmp_path, cfg).resume()
+    (
+        ckpt / "manifest.json"
+    ).unlink()  # a checkpoint killed mid-write (or by an older version): not vouched for
+    with pytest.raises(CheckpointError, match="no readable manifest.json"):
+        make_trainer(tokenizer, tmp_path, cfg).resume()
+
+
+def test_a_checkpoint_of_another_stage_key_is_not_resumed(tokenizer, tmp_path, caplog):
+    cfg = replace(BASE, save_every=1)
+    make_trainer(tokenizer, tmp_path, cfg, stage_key="key-a").train(max_updates=2)
+    assert json.loads((latest_checkpoint(tmp_path) / "meta.json").read_text())["stage_key"] == "key-a"
+    assert make_trainer(tokenizer, tmp_path, cfg, stage_key="key-a").resume()
+    other = make_trainer(tokenizer, tmp_path, cfg, stage_key="key-b")
+    with caplog.at_level(logging.INFO, logger="rlhf.ppo.checkpoint"):
+        assert not other.resume()
+    assert "written for another config or upstream (key key-a, now key-b): starting over" in caplog.text
+    other.train(max_updates=1)  # a fresh start leaves nothing of the other key's run behind
+    assert [r["update"] for r in history(tmp_path)] == [1]
+    assert latest_checkpoint(tmp_path).name == "checkpoint-000001"
+    assert json.loads((latest_checkpoint(tmp_path) / "meta.json").read_text())["stage_key"] == "key-b"
+
+
+class RecordingTracker:
+    """Collects what the trainer logs: (step, metrics) per `log` call."""
+
+    def __init__(self):
+        self.logged: list[tuple[int, dict]] = []
+
+    def log(self, metrics, step, console=True):
+        self.logged.append((step, metrics))
+
+    def log_table(self, *args, **kwargs):
+        pass
+
+
+def test_resume_replays_the_history_up_to_the_checkpoint_into_the_tracker(tokenizer, tmp_path):
+    """A killed process may not have flushed its W&B rows: the resumed trainer logs updates 1..k again (the tracker
+    drops those its run already holds), and only the updates it tracks (log_every)."""
+    cfg = replace(BASE, save_every=2, log_every=2, total_episodes=96)
+    make_trainer(tokenizer, tmp_path, cfg).train(max_updates=5)  # checkpoint at 4, update 5 not checkpointed
+    tracker = RecordingTracker()
+    resumed = make_trainer(tokenizer, tmp_path, cfg, tracker=tracker)
+    assert resumed.resume() and resumed.update == 4
+    rows = {r["update"]: r for r in history(tmp_path)}
+    assert [step for step, _ in tracker.logged] == [2, 4]
+    for step, metrics in tracker.logged:
+        assert metrics == {k: v for k, v in rows[step].items() if k != "update"}
+
+
 def test_interrupted_save_leaves_previous_checkpoint(tokenizer, tmp_path, monkeypatch):
     cfg = replace(BASE, save_every=1, total_episodes=32)
     trainer = make_trainer(tokenizer, tmp_path, cfg)
@@ -282,7 +357,7 @@ def test_reward_model_scores_the_last_token_of_each_episode(tokenizer, tmp_path)
         with torch.no_grad():
             expected = reward_model(input_ids=ids).logits[0, 0]  # HF's own pooling, no padding at all
         assert scores[i].item() == pytest.approx(expected.item(), abs=1e-5)
-    token_scores, total, _ = trainer._score(ro)
+    token_scores, total, _, _ = trainer._score(ro)
     last = ro.action_mask.cumsum(1).argmax(1)
     assert torch.allclose(token_scores[torch.arange(len(ro)), last], scores)
     assert torch.allclose(total, scores)
@@ -293,7 +368,7 @@ def test_missing_eos_penalty_hits_truncated_turns(tokenizer, tmp_path):
     trainer = make_trainer(tokenizer, tmp_path, cfg, env=DialogueEnv)
     trainer.policy_for_test = None
     ro = trainer._rollout()
-    token_scores, total, _ = trainer._score(ro)
+    token_scores, total, _, _ = trainer._score(ro)
     missing = (ro.turn_ends & ~ro.turn_eos).sum(1).float()
     torch.testing.assert_close(total, ro.env_rewards - missing)
 
@@ -611,7 +686,7 @@ def test_normalize_scores_standardises_episode_scores(tokenizer, tmp_path):
     trainer = make_trainer(tokenizer, tmp_path, replace(BASE, normalize_scores=True, total_episodes=16))
     ro = trainer._rollout()
     assert ro.env_rewards.std() > 0
-    token_scores, scores, _ = trainer._score(ro)
+    token_scores, scores, _, _ = trainer._score(ro)
     raw = ro.env_rewards
     expected = (raw - raw.mean()) / raw.std(unbiased=False)  # the running moments hold this batch alone
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
@@ -689,7 +764,7 @@ def test_reward_source_both_adds_the_weighted_parts(tokenizer, tmp_path):
     )
     trainer = make_trainer(tokenizer, tmp_path, cfg, env=DialogueEnv, reward_model=reward_model)
     ro = trainer._rollout()
-    token_scores, scores, model_scores = trainer._score(ro)
+    token_scores, scores, model_scores, _ = trainer._score(ro)
     assert ro.env_rewards.abs().sum() > 0 and model_scores.abs().sum() > 0
     torch.testing.assert_close(scores, 0.3 * ro.env_rewards + 2.0 * model_scores)
     torch.testing.assert_close(token_scores.sum(1), scores)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf.cli import compose
 from rlhf.models import build_tiny_model, load_reward_model, load_tokenizer, prepare_base_model
 from rlhf.ppo.checkpoint import latest_checkpoint, read_resume_run_id
+from rlhf.ppo.trainer import PPOTrainer
+from rlhf.stage_keys import stage_keys
 from rlhf.stages import ppo
 from rlhf.stages.base import StageContext, StageResult
 from rlhf.tokenizer import build_tokenizer
@@ -74,17 +77,37 @@ def test_stage_trains_from_upstream_and_saves_loadable_models(tmp_path, setup):
     assert latest_checkpoint(result.artifact).name == "checkpoint-000002"
 
 
-def test_stage_runs_alone_on_paths_and_resumes(tmp_path, setup):
+def test_stage_runs_alone_on_paths_and_resumes_only_under_its_own_key(tmp_path, setup, monkeypatch, caplog):
+    """A killed stage resumes from its checkpoint with the same config; with another total_episodes (a different
+    LR schedule, so part of the stage key) the same directory starts over instead of continuing."""
     cfg, sft, reward = setup
     cfg.ppo.policy_path, cfg.ppo.reward_model_path = str(sft), str(reward)
-    cfg.ppo.total_episodes = 16
     ctx = context(tmp_path / "alone", {})
-    ppo.run(cfg, ctx)
+    ctx.key = stage_keys(cfg)["ppo"].key
+    step, calls = PPOTrainer.step, []
+
+    def dies_in_update_2(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return step(self)
+
+    monkeypatch.setattr(PPOTrainer, "step", dies_in_update_2)
+    with pytest.raises(KeyboardInterrupt):
+        ppo.run(cfg, ctx)
+    monkeypatch.setattr(PPOTrainer, "step", step)
     assert read_resume_run_id(ctx.output_dir) is None  # logger=none: no W&B run to continue
-    cfg.ppo.total_episodes = 32  # a longer run in the same directory continues from update 1
+    caplog.set_level(logging.INFO)
     result = ppo.run(cfg, ctx)
-    rows = ppo.read_history(ctx.output_dir)
-    assert [r["update"] for r in rows] == [1, 2] and result.metrics["updates"] == 2
+    assert "resumed PPO from" in caplog.text and result.metrics["updates"] == 2
+    assert [r["update"] for r in ppo.read_history(ctx.output_dir)] == [1, 2]
+
+    cfg.ppo.total_episodes = 48
+    ctx.key = stage_keys(cfg)["ppo"].key
+    caplog.clear()
+    result = ppo.run(cfg, ctx)
+    assert "starting over" in caplog.text and "resumed PPO" not in caplog.text
+    assert [r["update"] for r in ppo.read_history(ctx.output_dir)] == [1, 2, 3]
 
 
 def test_reward_model_with_another_tokenizer_scores_the_decoded_text(tmp_path, setup):

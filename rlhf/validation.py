@@ -1,0 +1,309 @@
+"""One validation of the whole config, run before anything is written: every rule a user's config must follow.
+
+`validate(cfg)` raises ValueError with one line that names the key and says what to change; the CLI prints it as
+`rlhf: error: ...`. Enum-like fields declare their allowed values once, next to the field (`rlhf.config.one_of`),
+and `check_choices` refuses anything else; every range and cross-field rule lives here, and the PPO trainer calls
+`check_ppo` for its own config object rather than repeating it.
+
+Adding a field: an enum-like one needs only `one_of(...)` in `rlhf/config.py`; a field with other rules gets a
+`check_*(cfg, stages)` function here, listed in `CHECKS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_type_hints
+
+from rlhf.config import STAGES, PPOConfig, RLHFConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+def validate(cfg: RLHFConfig, num_processes: int = 1) -> list[str]:
+    """Check everything that needs no training, cheapest first; returns the stages to run, in pipeline order.
+
+    `num_processes`: data-parallel processes of this run (torchrun's WORLD_SIZE), for the PPO batch rules.
+    """
+    check_missing(cfg)
+    check_choices(cfg, RLHFConfig)
+    stages = select_stages(cfg)
+    check_ppo(cfg.ppo, num_processes if "ppo" in stages else 1)
+    for check in CHECKS:
+        check(cfg, stages)
+    return stages
+
+
+# ------------------------------------------------------------------------------------------------ generic rules
+
+
+def check_missing(cfg: Any) -> None:
+    """Required values (`MISSING`, `???`) left unset."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg):
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ValueError(
+                f"missing required value: {', '.join(missing)}; set it on the command line ({missing[0]}=...)"
+            )
+
+
+def check_choices(node: Any, schema: type, prefix: str = "") -> None:
+    """Every `one_of` field of `schema` (and of its nested schemas) in `node` holds one of its allowed values."""
+    hints = get_type_hints(schema)
+    for f in fields(schema):
+        value = getattr(node, f.name)
+        allowed = f.metadata.get("choices")
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"{prefix}{f.name}={value!r} is not one of {', '.join(allowed)}")
+        if is_dataclass(hints[f.name]) and value is not None:
+            check_choices(value, hints[f.name], f"{prefix}{f.name}.")
+
+
+def select_stages(cfg: RLHFConfig) -> list[str]:
+    """`cfg.stages` checked and put in pipeline order."""
+    stages = list(cfg.stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"stages: unknown {', '.join(map(str, unknown))}; choose from {', '.join(STAGES)}")
+    if not stages:
+        raise ValueError(f"stages is empty; choose from {', '.join(STAGES)}")
+    return [s for s in STAGES if s in stages]
+
+
+def _at_least(node: Any, prefix: str, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(node, name)
+        if value is not None and not value >= minimum:  # `not >=` also refuses NaN
+            raise ValueError(f"{prefix}.{name}={value} must be >= {minimum}")
+
+
+def _positive(node: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(node, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"{prefix}.{name}={value} must be > 0")
+
+
+def _fraction(node: Any, prefix: str, *names: str, closed: bool = True) -> None:
+    for name in names:
+        value = getattr(node, name)
+        if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+            raise ValueError(f"{prefix}.{name}={value} must be in [0, 1{']' if closed else ')'}")
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+
+
+def check_ppo(p: Any, num_processes: int = 1) -> None:
+    """PPO settings (`ppo.*`) on `num_processes` data-parallel processes: any object with PPOConfig's fields."""
+    check_choices(p, PPOConfig, "ppo.")
+    _positive(
+        p, "ppo", "learning_rate", "critic_learning_rate", "temperature", "cliprange", "cliprange_value"
+    )
+    _positive(p, "ppo", "max_grad_norm", "kl_target", "target_kl")
+    _at_least(p, "ppo", 1, "batch_size", "total_episodes", "response_length", "num_ppo_epochs")
+    _at_least(p, "ppo", 1, "num_mini_batches", "num_generations", "forward_batch_size", "kl_horizon")
+    _at_least(p, "ppo", 0, "kl_coef", "vf_coef", "weight_decay", "save_every", "log_every", "samples_every")
+    _fraction(p, "ppo", "gamma", "lam")
+    if p.batch_size % num_processes:
+        raise ValueError(f"ppo.batch_size={p.batch_size} must be divisible by the {num_processes} processes")
+    local = p.batch_size // num_processes
+    if local % p.num_mini_batches:
+        raise ValueError(
+            f"ppo.batch_size / processes = {local} must be divisible by ppo.num_mini_batches={p.num_mini_batches}"
+        )
+    if p.advantage in ("grpo", "rloo") and (p.num_generations < 2 or local % p.num_generations):
+        raise ValueError(
+            f"ppo.advantage={p.advantage} needs ppo.num_generations >= 2 dividing the per-process batch {local}"
+        )
+    if p.total_episodes < p.batch_size:
+        raise ValueError(f"ppo.total_episodes={p.total_episodes} must be >= ppo.batch_size={p.batch_size}")
+    if p.kl_in == "reward" and p.kl_estimator != "k1":
+        raise ValueError(
+            f"ppo.kl_estimator={p.kl_estimator} is >= 0 on every token and biased as a reward; "
+            "use ppo.kl_estimator=k1 or set ppo.kl_in=loss"
+        )
+    if p.kl_in == "loss" and p.kl_estimator == "k1":
+        raise ValueError(
+            "ppo.kl_in=loss with ppo.kl_estimator=k1 has a zero gradient in expectation; "
+            "use ppo.kl_estimator=k3 (GRPO's) or k2"
+        )
+
+
+def check_numbers(cfg: RLHFConfig, stages: list[str]) -> None:
+    """Ranges of the single-valued settings of every section but ppo (`check_ppo`)."""
+    m = cfg.model
+    _at_least(m, "model", 1, "hidden_size", "num_layers", "num_heads", "intermediate_size")
+    _at_least(m, "model", 1, "max_position_embeddings")
+    if not m.name_or_path and m.hidden_size % m.num_heads:
+        raise ValueError(
+            f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}"
+        )
+    if not m.name_or_path and (m.hidden_size // m.num_heads) % 2:
+        raise ValueError(
+            f"model.hidden_size / model.num_heads = {m.hidden_size // m.num_heads} must be even (rotary position "
+            "embeddings rotate pairs of dimensions); change either"
+        )
+    _at_least(m.lora, "model.lora", 0, "r")
+    _positive(m.lora, "model.lora", "alpha")
+    _fraction(m.lora, "model.lora", "dropout", closed=False)
+    if m.lora.r > 0 and not m.lora.target_modules:
+        raise ValueError(
+            "model.lora.target_modules is empty; name the modules that get adapters, or set model.lora.r=0"
+        )
+    _fraction(cfg.task, "task", "eval_fraction", closed=False)
+    for stage, section, count in (
+        ("sft", cfg.sft, "num_demonstrations"),
+        ("reward", cfg.reward, "num_preferences"),
+    ):
+        _positive(section, stage, "learning_rate", "num_train_epochs")
+        _at_least(section, stage, 1, "per_device_train_batch_size", "max_length", "logging_steps")
+        n = getattr(cfg.task, count)
+        if stage in stages and not section.dataset:
+            _at_least(cfg.task, "task", 1, count)
+            if round(n * cfg.task.eval_fraction) >= n:
+                raise ValueError(
+                    f"task.eval_fraction={cfg.task.eval_fraction} holds out all {n} of task.{count}; lower it"
+                )
+    _at_least(cfg.evaluate, "evaluate", 1, "num_prompts", "batch_size")
+    _at_least(cfg.evaluate, "evaluate", 0, "temperature", "num_samples")
+    if cfg.num_threads < 0:
+        raise ValueError(f"num_threads={cfg.num_threads} must be >= 0 (0 = automatic)")
+
+
+def check_model_and_device(cfg: RLHFConfig, stages: list[str]) -> None:
+    """model=hf needs a location; cuda needs a GPU; float16 needs a GPU (mixed precision with loss scaling)."""
+    if cfg.model.kind == "hf" and not cfg.model.name_or_path:
+        raise ValueError("model=hf needs model.name_or_path=<hub id or save_pretrained directory>")
+    if cfg.device == "cuda" or cfg.model.dtype == "float16":  # these two need torch to check
+        from rlhf.models import resolve_device
+
+        device = resolve_device(cfg.device)
+        if cfg.model.dtype == "float16" and device.type == "cpu":
+            raise ValueError(
+                "model.dtype=float16 needs a GPU (mixed precision with loss scaling); use bfloat16 on CPU"
+            )
+
+
+def check_logger(cfg: RLHFConfig, stages: list[str]) -> None:
+    """Online W&B logging needs an API key: refuse before training rather than fail at the first stage's init."""
+    from rlhf.tracking import wandb_api_key_available
+
+    lg = cfg.logger
+    if lg.backend == "wandb" and lg.mode == "online" and not wandb_api_key_available():
+        raise ValueError(
+            "logger.mode=online needs a W&B API key: set WANDB_API_KEY or run `wandb login`, "
+            "or use logger.mode=offline (upload later with `wandb sync`)"
+        )
+
+
+def check_environment(cfg: RLHFConfig, stages: list[str]) -> None:
+    """The environment id resolves whenever a stage (or the tiny tokenizer) needs the environment."""
+    needs_env = (
+        not cfg.model.name_or_path
+        or ("sft" in stages and not cfg.sft.dataset)
+        or ("reward" in stages and not cfg.reward.dataset)
+        or bool({"ppo", "evaluate"} & set(stages))
+    )
+    if needs_env:
+        from envs import env_class
+
+        try:
+            env_class(cfg.task.env_id)
+        except Exception as e:  # gymnasium's NameNotFound, ImportError of a user's module, ...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"task.env_id={cfg.task.env_id}: {first}") from e
+
+
+def check_task(cfg: RLHFConfig, stages: list[str]) -> None:
+    """The environment made with `task.env_kwargs`, the offline data the stages need from it, the reward rubric."""
+    from rlhf.task import check
+
+    check(cfg, stages)
+
+
+def check_paths(cfg: RLHFConfig, stages: list[str]) -> None:
+    """Dataset files exist with a known extension; model directories hold the right kind of model."""
+    from rlhf.data import check_dataset_spec
+    from rlhf.models import check_model_location
+
+    if "sft" in stages:
+        check_dataset_spec(cfg.sft.dataset, "sft.dataset")
+    if "reward" in stages:
+        check_dataset_spec(cfg.reward.dataset, "reward.dataset")
+    if cfg.model.name_or_path:
+        check_model_location(cfg.model.name_or_path, "model.name_or_path", kind="causal")
+    if "reward" in stages and cfg.reward.init_from:
+        check_model_location(cfg.reward.init_from, "reward.init_from")
+    if {"ppo", "evaluate"} & set(stages):
+        if cfg.ppo.policy_path:
+            check_model_location(cfg.ppo.policy_path, "ppo.policy_path", kind="causal")
+        if cfg.ppo.reward_model_path:
+            check_model_location(cfg.ppo.reward_model_path, "ppo.reward_model_path", kind="reward")
+
+
+def check_user_data(cfg: RLHFConfig, stages: list[str]) -> None:
+    """Load the user's datasets once, so that a bad file fails before the base model is even built."""
+    from rlhf.data import check_distinct_pairs, check_preference_columns, check_sft_columns, load_user_dataset
+
+    if "sft" in stages and cfg.sft.dataset:
+        check_sft_columns(load_user_dataset(cfg.sft.dataset, "sft.dataset")[0], "sft.dataset")
+    if "reward" in stages and cfg.reward.dataset:
+        train, test = load_user_dataset(cfg.reward.dataset, "reward.dataset")
+        check_preference_columns(train, "reward.dataset")
+        for part in (train, test):
+            if part is not None:
+                check_distinct_pairs(part, "reward.dataset")
+
+
+def check_policy_tokens(cfg: RLHFConfig, stages: list[str]) -> None:
+    """A reply fits the policy's context, and `ppo.stop_token` is one of its tokens, when that is cheap to know:
+    the tiny model's settings, or a local model directory's config.json and tokenizer."""
+    if not {"ppo", "evaluate"} & set(stages):
+        return
+    from rlhf.models import model_context
+
+    source = cfg.ppo.policy_path or cfg.model.name_or_path
+    special_stop = cfg.ppo.stop_token not in (None, "eos")
+    tokenizer: PreTrainedTokenizerBase | None = None
+    if not source:  # the tiny model, built from config
+        context = cfg.model.max_position_embeddings
+        if special_stop and cfg.model.tokenizer == "word":
+            from envs import env_class
+            from rlhf.tokenizer import build_tokenizer
+
+            tokenizer = build_tokenizer(env_class(cfg.task.env_id).vocabulary())
+    elif Path(source).is_dir():
+        context = model_context(source)
+        if special_stop:
+            from rlhf.models import load_tokenizer
+
+            tokenizer = load_tokenizer(source)
+    else:  # a hub id: its config is not cheap to read
+        return
+    if context is not None and cfg.ppo.response_length >= context:
+        raise ValueError(
+            f"ppo.response_length={cfg.ppo.response_length} leaves no room for a prompt in the policy's "
+            f"{context}-token context; set it below {context}"
+        )
+    if tokenizer is not None:
+        from rlhf.tokenizer import stop_token_id
+
+        stop_token_id(tokenizer, cfg.ppo.stop_token)
+
+
+CHECKS: tuple[Callable[[RLHFConfig, list[str]], None], ...] = (
+    check_numbers,
+    check_model_and_device,
+    check_logger,
+    check_environment,
+    check_task,
+    check_paths,
+    check_user_data,
+    check_policy_tokens,
+)
+"""Every rule after the generic ones, cheapest first: each takes (cfg, stages) and raises ValueError."""
