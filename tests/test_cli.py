@@ -38,7 +38,7 @@ def rlhf(*args: str, cwd: Path, check: bool = True, timeout: int = 300) -> subpr
 def test_help_lists_groups_and_cfg_prints_the_config(tmp_path):
     out = rlhf("--help", cwd=tmp_path).stdout
     for line in (
-        "task: arithmetic, guess, review",
+        "task: arithmetic, guess, reasoning_gym, review, skyrl, task_schema, textarena",
         "model: hf",
         "logger: logger_schema, none, wandb",
         "sft: default",

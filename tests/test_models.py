@@ -33,11 +33,11 @@ def test_tiny_model_matches_tokenizer():
     cfg = compose(TINY)
     tok = build_tokenizer(["a", "b", "c"])
     model = build_tiny_model(cfg.model, tok)
-    assert model.config.vocab_size == len(tok) == 6
+    assert model.config.vocab_size == len(tok) == 7  # 3 special tokens, 3 words, then <reply>
     assert model.config.pad_token_id == tok.pad_token_id and model.config.eos_token_id == tok.eos_token_id
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == cfg.model.num_layers
     logits = model(torch.tensor([[3, 4, 5]])).logits
-    assert logits.shape == (1, 3, 6)
+    assert logits.shape == (1, 3, 7)
 
 
 def test_prepare_base_model_saves_a_loadable_tiny_model(base_dir):
