@@ -36,6 +36,10 @@ def iter_records(path: Path, strict: bool = True):
         return
     ident, magic, version = _FILE_HEADER.unpack_from(data, 0)
     if ident != b":W&B" or magic != 0xBEE1:
+        if (
+            not strict
+        ):  # a killed process may leave a file whose header was never written (preallocated zeros)
+            return
         raise ValueError(f"{path} is not a W&B transaction log (header {ident!r} {magic:#x})")
     pos, pending = _FILE_HEADER.size, b""
     while pos + _CHUNK_HEADER.size <= len(data):
@@ -72,7 +76,12 @@ def iter_records(path: Path, strict: bool = True):
                 return
             raise ValueError(f"{path}: unknown chunk type {kind} at byte {pos}")
         record = pb.Record()
-        record.ParseFromString(payload)
+        try:
+            record.ParseFromString(payload)
+        except Exception:  # protobuf's DecodeError: a record torn by a kill, although its chunk checksum held
+            if not strict:
+                return
+            raise
         yield record
 
 

@@ -62,8 +62,9 @@ def kill_when(run_dir: Path, ready, delay: float, timeout: float = 600) -> None:
     """Start the command, wait until `ready(new log text)` holds, wait `delay` seconds more, then SIGKILL it."""
     log = run_dir / "rlhf.log"
     offset = log.stat().st_size if log.exists() else 0
+    stderr = run_dir.parent / f"{run_dir.name}-stderr.txt"  # why a run ended early, should one
     proc = subprocess.Popen(
-        command(run_dir), cwd=REPO, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command(run_dir), cwd=REPO, env=environment(), stdout=subprocess.DEVNULL, stderr=stderr.open("w")
     )
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
@@ -71,7 +72,10 @@ def kill_when(run_dir: Path, ready, delay: float, timeout: float = 600) -> None:
             break
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before the kill: nothing was interrupted"
+    code = proc.wait()
+    assert code == -signal.SIGKILL, (
+        f"the run ended (exit {code}) before the kill: {stderr.read_text()[-1500:]}"
+    )
 
 
 def logged(line: str):
