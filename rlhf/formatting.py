@@ -111,14 +111,7 @@ class ChatFormat:
             )
         return after[len(before) :]
 
-    # ------------------------------------------------------------------ data
-    def to_conversation(self, prompt: str, completion: str | None = None) -> dict[str, Any]:
-        """A plain prompt (and completion) in TRL's conversational prompt-completion form."""
-        row: dict[str, Any] = {"prompt": [user(prompt)]}
-        if completion is not None:
-            row["completion"] = [assistant(completion)]
-        return row
-
+    # ------------------------------------------------------------------ episodes
     def conversation(self, observations: list[str], replies: list[str]) -> list[dict[str, str]]:
         """An episode's messages: observation 0, reply 0, observation 1, reply 1, ..."""
         messages = []

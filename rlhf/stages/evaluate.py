@@ -124,8 +124,13 @@ def evaluate_policy(
             stop_token_id=stop,
             forward_batch_size=cfg.ppo.forward_batch_size,
         )
-        ref = sequence_logprobs(
-            reference, ro.query_responses, ro.attention_mask, ro.context_length, temperature
+        ref = sequence_logprobs(  # batched as the rollout's own pass: the SFT policy's KL to itself is exactly 0
+            reference,
+            ro.query_responses,
+            ro.attention_mask,
+            ro.context_length,
+            temperature,
+            cfg.ppo.forward_batch_size,
         )
         kl.append(torch.where(ro.action_mask, ro.logprobs - ref, 0.0).sum(1))
         gold.append(ro.env_rewards)
