@@ -55,7 +55,10 @@ def command(run_dir: Path) -> list[str]:
 
 
 def environment() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    """The runs' own W&B service: not the pytest process's (WANDB_SERVICE, set by in-process tests before this
+    one), which would keep a killed run's id "in use" and refuse its resume."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 
 
 def kill_when(run_dir: Path, ready, delay: float, timeout: float = 600) -> None:
