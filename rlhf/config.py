@@ -206,6 +206,9 @@ class PPOConfig:
     """Resume from the last checkpoint in the stage directory when there is one."""
     log_every: int = 1
     """Updates between logged metric lines."""
+    console_every: int = 5
+    """Updates between compact console lines (gold reward, score, KL, length, reward components, eps), plus the first
+    and last update; 0 prints none. The default gives ~14 lines for 64 updates; the full set goes to W&B."""
     samples_every: int = 10
     """Updates between sample tables."""
     critic_learning_rate: float | None = None
@@ -276,6 +279,15 @@ class RLHFConfig:
     num_threads: int = 0
     """CPU threads for torch; 0 picks 1 for a tiny model (its ops are too small to split) and torch's default
     otherwise. More threads than free cores slows training down many times over."""
+    cache: bool = True
+    """Reuse a stage's output from the stage cache when its key (config, upstream keys, package version and
+    source) matches, and publish each finished stage there (`rlhf.stage_cache`); false: train every stage."""
+    cache_dir: str | None = None
+    """The stage cache's directory. Unset: `<sweep dir>/.stage_cache` in a multirun (shared by the sweep's jobs)
+    and none for a single run; set it (e.g. ~/.cache/rlhf) to share stages across runs and sweeps."""
+    objective: str = "stages.evaluate.metrics.ppo/gold_reward"
+    """The summary.json value a run returns to Hydra: what the Optuna sweeper optimises (dotted path into
+    summary.json; a metric's own name may contain '/')."""
 
 
 def register_configs() -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import STAGES, RLHFConfig
+from rlhf.stage_cache import StageCache
 from rlhf.stage_keys import StageKey, changes, stage_keys
 from rlhf.stages import BASE, REGISTRY
 from rlhf.stages.base import StageContext, StageResult, needs_message
@@ -39,6 +40,8 @@ from rlhf.validation import validate
 log = logging.getLogger("rlhf")
 
 SUMMARY = "summary.json"
+CACHE_IN_SWEEP = ".stage_cache"
+"""The default stage cache of a multirun, under its sweep directory."""
 
 
 class InputError(ValueError):
@@ -72,16 +75,76 @@ def set_threads(cfg: RLHFConfig) -> int:
     return torch.get_num_threads()
 
 
-def hydra_run_info() -> tuple[Path, str, int | None]:
-    """(run dir, W&B group, job number) from Hydra: the group is the sweep directory in a multirun."""
+@dataclass(frozen=True)
+class HydraJob:
+    """Where Hydra runs this invocation and, in a multirun, which job of which sweep it is."""
+
+    run_dir: Path
+    group: str
+    """The W&B group: the sweep directory's name in a multirun, else the run directory's."""
+    num: int | None = None
+    """The job's number in a multirun, else None."""
+    sweep_dir: Path | None = None
+    """The sweep directory in a multirun, else None."""
+    overrides: tuple[str, ...] = ()
+    """The job's own command-line overrides (`ppo.kl_coef=0.02`, the swept values among them)."""
+    swept: frozenset[str] | None = None
+    """The keys the sweep varies (None: unknown, every override counts)."""
+
+
+def hydra_job() -> HydraJob:
+    """This invocation's place, from Hydra's runtime config."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    overrides = tuple(hc.overrides.task)
     if hc.mode == RunMode.MULTIRUN:
-        return run_dir, _group_name(Path(hc.sweep.dir)), hc.job.num
-    return run_dir, _group_name(run_dir), None
+        sweep_dir = Path(hc.sweep.dir).resolve()
+        swept = swept_keys(sweep_dir / "multirun.yaml", hc.sweeper.get("params"))
+        return HydraJob(run_dir, _group_name(sweep_dir), hc.job.num, sweep_dir, overrides, swept)
+    return HydraJob(run_dir, _group_name(run_dir), overrides=overrides)
+
+
+def swept_keys(multirun_yaml: Path, sweeper_params: Any) -> frozenset[str] | None:
+    """The keys a sweep varies: its sweep overrides (`ppo.kl_coef=0.02,0.1`, `interval(...)`) as recorded in the
+    sweep's multirun.yaml, and the sweeper's `params` (a sweep preset's); None when neither is known."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    keys = set(sweeper_params or {})
+    if multirun_yaml.exists():
+        task = OmegaConf.load(multirun_yaml).hydra.overrides.task
+        parsed = OverridesParser.create().parse_overrides(list(task))
+        keys |= {o.key_or_group for o in parsed if o.is_sweep_override()}
+    return frozenset(keys) if keys else None
+
+
+def swept_values(overrides: tuple[str, ...], keys: frozenset[str] | None = None) -> dict[str, str]:
+    """`("ppo.kl_coef=0.02", "+task.x=1")` -> `{"ppo.kl_coef": "0.02", "task.x": "1"}`: the overrides of `keys`
+    (all when None)."""
+    pairs = (o.split("=", 1) for o in overrides if "=" in o)
+    values = {k.lstrip("+~"): v for k, v in pairs}
+    return values if keys is None else {k: v for k, v in values.items() if k in keys}
+
+
+def run_name(job: HydraJob, stage: str) -> str:
+    """A W&B run's name: in a sweep, the job's swept values (`kl_coef=0.02,seed=1-ppo`), else `<group>-<stage>`."""
+    if job.num is None:
+        return f"{job.group}-{stage}"
+    values = swept_values(job.overrides, job.swept)
+    swept = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
+    return f"{swept or job.num}-{stage}"
+
+
+def cache_root(cfg: RLHFConfig, sweep_dir: Path | None) -> Path | None:
+    """The stage cache's directory: `cache_dir`, else the sweep's `.stage_cache` in a multirun; None when off."""
+    if not cfg.cache:
+        return None
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return sweep_dir / CACHE_IN_SWEEP if sweep_dir is not None else None
 
 
 def write_hydra_record(cfg: RLHFConfig, run_dir: Path) -> None:
@@ -132,15 +195,38 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
-def summary_entry(result: StageResult, key: StageKey, wandb_run: str | None) -> dict[str, Any]:
-    """A finished stage as summary.json records it: its output, time, metrics, W&B run and stage key."""
+def summary_entry(
+    result: StageResult, key: StageKey, wandb_run: str | None, wandb_artifact: str | None
+) -> dict[str, Any]:
+    """A finished stage as summary.json records it: its output, time, metrics, W&B run and artifact, stage key,
+    and whether it came from the stage cache."""
     return {
         "artifact": str(Path(result.artifact).resolve()),
         "seconds": round(float(result.seconds), 3),
         "metrics": {k: plain_scalar(v) for k, v in result.metrics.items()},
         "wandb_run": wandb_run,
+        "wandb_artifact": wandb_artifact,
         "key": key.key,
         "config": key.config,
+        "cached": False,
+    }
+
+
+def stage_inputs(
+    cfg: RLHFConfig, stage: str, entries: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The upstream outputs a stage reads, for its W&B run's lineage: {upstream: {W&B artifact and run, key,
+    path, cached}}."""
+    return {
+        name: {
+            "artifact": entries[name].get("wandb_artifact"),
+            "run": entries[name].get("wandb_run"),
+            "key": entries[name].get("key"),
+            "path": entries[name].get("artifact"),
+            "cached": bool(entries[name].get("cached")),
+        }
+        for name in REGISTRY[stage].reads(cfg)
+        if name in entries
     }
 
 
@@ -232,14 +318,11 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
 
     from rlhf.models import prepare_base_model, resolve_device
     from rlhf.run_lock import hold_run_dir
-    from rlhf.tracking import null_tracker, start_stage
 
-    job_num, under_hydra = None, run_dir is None
-    if under_hydra:
-        run_dir, hydra_group, job_num = hydra_run_info()
-        group = group or hydra_group
-    run_dir = Path(run_dir).resolve()
-    group = group or _group_name(run_dir)
+    under_hydra = run_dir is None
+    job = hydra_job() if under_hydra else HydraJob(Path(run_dir), group or _group_name(Path(run_dir)))
+    run_dir = job.run_dir.resolve()
+    group = group or job.group
     with ExitStack() as held:
         with _input_errors():
             selected = validate(cfg, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
@@ -298,43 +381,117 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
                 for name, e in plan.reused.items()
             },
         }
+        cache_dir = cache_root(cfg, job.sweep_dir)
+        cache = StageCache(cache_dir) if cache_dir is not None else None
+        if cache is not None:
+            log.info("stage cache: %s", cache.root)
         for i, stage in enumerate(plan.run):
-            spec = REGISTRY[stage]
-            name = f"{group}-{job_num}-{stage}" if job_num is not None else f"{group}-{stage}"
-            if main:
-                tracker = start_stage(cfg, stage, run_dir, group, resume_id=resume_ids.get(stage), name=name)
-            else:  # only the main process tracks and writes the summary; the others train
-                tracker = null_tracker(stage)
-            ctx = StageContext(
-                run_dir=run_dir,
-                output_dir=run_dir / stage,
-                seed=derive_seed(cfg.seed, stage),
-                tracker=tracker,
-                upstream=dict(results),
-                key=plan.keys[stage].key,
-            )
-            ctx.output_dir.mkdir(parents=True, exist_ok=True)
-            log.info("stage %d/%d: %s (seed %d) -> %s", i + 1, len(plan.run), stage, ctx.seed, ctx.output_dir)
-            try:
-                set_seed(ctx.seed)
-                start = time.perf_counter()
-                result = spec.run(cfg, ctx)
-                result.seconds = time.perf_counter() - start
-                tracker.set_summary({**result.metrics, "stage/seconds": result.seconds})
-                tracker.log_artifact(
-                    result.artifact, f"{stage}-{tracker.run_id or 'local'}", spec.artifact_type
+            with ExitStack() as entry_lock:
+                cached = None
+                if cache is not None:  # the main process decides, under the entry's lock, for all
+                    if main:
+                        entry_lock.enter_context(cache.hold(stage, plan.keys[stage].key))
+                        cached = cache.lookup(stage, plan.keys[stage].key)
+                    cached = _from_main(process, cached)
+                if cached is not None:
+                    results[stage] = StageResult(Path(cached["artifact"]), dict(cached["metrics"]), 0.0)
+                    if main:
+                        summary["stages"][stage] = cached_entry(cached, cache.entry_dir(stage, cached["key"]))
+                        write_summary(run_dir, summary)
+                    log.info(
+                        "stage %d/%d: %s reused from the stage cache: %s (made in %s, %.1fs)",
+                        i + 1, len(plan.run), stage, cached["artifact"], cached.get("made_in"), cached["seconds"],
+                    )  # fmt: skip
+                    continue
+                results[stage] = _run_stage(
+                    cfg, stage, i, plan, job, run_dir, results, summary, resume_ids, main
                 )
-            except BaseException:
-                tracker.finish(exit_code=1)  # the W&B run shows as failed
-                raise
-            tracker.finish()
-            results[stage] = result
-            if main:
-                summary["stages"][stage] = summary_entry(result, plan.keys[stage], tracker.run_id)
-                write_summary(run_dir, summary)
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, int | float))
-            log.info("stage %s done in %.1fs: %s", stage, result.seconds, shown)
+                if cache is not None and main:
+                    entry = cache.publish(
+                        stage, plan.keys[stage].key, run_dir / stage, summary["stages"][stage]
+                    )
+                    summary["stages"][stage]["cache_entry"] = str(entry)
+                    write_summary(run_dir, summary)
         process.wait_for_everyone()
     path = run_dir / SUMMARY
     log.info("summary: %s", path)
     return json.loads(path.read_text())
+
+
+def _from_main(process: Any, value: Any) -> Any:
+    """The main process's `value` on every process of a multi-process run."""
+    if process.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
+def cached_entry(record: dict[str, Any], entry_dir: Path) -> dict[str, Any]:
+    """summary.json's entry of a stage reused from the cache: the entry's record (its W&B run and artifact are the
+    ones that made it), marked cached and naming the cache entry."""
+    keep = ("artifact", "seconds", "metrics", "wandb_run", "wandb_artifact", "key", "config")
+    return {**{k: record.get(k) for k in keep}, "cached": True, "cache_entry": str(entry_dir)}
+
+
+def _run_stage(
+    cfg: RLHFConfig,
+    stage: str,
+    index: int,
+    plan: Plan,
+    job: HydraJob,
+    run_dir: Path,
+    results: dict[str, StageResult],
+    summary: dict[str, Any],
+    resume_ids: dict[str, str | None],
+    main: bool,
+) -> StageResult:
+    """Run one stage in its own W&B run (main process) and record it in summary.json."""
+    from transformers import set_seed
+
+    from rlhf.tracking import null_tracker, start_stage
+
+    spec = REGISTRY[stage]
+    group = cfg.logger.group or job.group
+    if main:
+        tracker = start_stage(
+            cfg,
+            stage,
+            run_dir,
+            group,
+            resume_id=resume_ids.get(stage),
+            name=run_name(job, stage),
+            swept=swept_values(job.overrides, job.swept) if job.num is not None else None,
+            inputs=stage_inputs(cfg, stage, summary["stages"]),
+        )
+    else:  # only the main process tracks and writes the summary; the others train
+        tracker = null_tracker(stage)
+    ctx = StageContext(
+        run_dir=run_dir,
+        output_dir=run_dir / stage,
+        seed=derive_seed(cfg.seed, stage),
+        tracker=tracker,
+        upstream=dict(results),
+        key=plan.keys[stage].key,
+    )
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    log.info("stage %d/%d: %s (seed %d) -> %s", index + 1, len(plan.run), stage, ctx.seed, ctx.output_dir)
+    artifact_name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{stage}-{tracker.run_id or 'local'}")
+    try:
+        set_seed(ctx.seed)
+        start = time.perf_counter()
+        result = spec.run(cfg, ctx)
+        result.seconds = time.perf_counter() - start
+        tracker.set_summary({**result.metrics, "stage/seconds": result.seconds})
+        tracker.log_artifact(result.artifact, artifact_name, spec.artifact_type)
+    except BaseException:
+        tracker.finish(exit_code=1)  # the W&B run shows as failed
+        raise
+    tracker.finish()
+    if main:
+        logged = artifact_name if tracker.run_id is not None and cfg.logger.log_artifacts else None
+        summary["stages"][stage] = summary_entry(result, plan.keys[stage], tracker.run_id, logged)
+        write_summary(run_dir, summary)
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, int | float))
+    log.info("stage %s done in %.1fs: %s", stage, result.seconds, shown)
+    return result

@@ -1,14 +1,15 @@
 """Stage keys: one hash per stage of everything its output depends on, so a finished output is reused only for the
 config that made it.
 
-key(stage) = sha256 of (the stage's name, this package's version, the stage's own config -- the sections and
-fields its registry entry declares, minus those that change only logging or checkpoint cadence -- and the keys of
-the base model and of the upstream stages it reads). A change anywhere upstream therefore changes every key
+key(stage) = sha256 of (the stage's name, this package's version and source, the training libraries' versions,
+the stage's own config -- the sections and fields its registry entry declares, minus those that change only logging
+or checkpoint cadence -- and the keys of the base model and of the upstream stages it reads). A change anywhere upstream therefore changes every key
 downstream. Local files and directories named in the config (datasets, model paths) enter by content: a file by
 its sha256, a directory by its files' names, sizes and modification times.
 
 The pipeline records each finished stage's key in summary.json and the PPO stage stores its key in every
-checkpoint; a sweep cache can use the same keys to find a finished stage in another run directory.
+checkpoint; the stage cache (`rlhf.stage_cache`) files finished stages under the same keys, so the jobs of a sweep
+reuse each other's.
 """
 
 from __future__ import annotations
@@ -41,14 +42,32 @@ class StageKey:
     """The stage's own config that went into the key: flat, dotted names (shown when a key changes)."""
 
 
+SOURCE_DIRS = ("rlhf", "envs", "conf")
+"""This project's code and configs: a stage key changes with them."""
+LIBRARIES = ("torch", "transformers", "trl", "accelerate", "peft")
+"""Libraries whose version can change a stage's output."""
+
+
 @cache
 def package_version() -> str:
+    """This package's version, a hash of its source and the training libraries' versions: an output made by other
+    code is never reused, also in a development checkout whose version number does not change."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version("rlhf")
-    except PackageNotFoundError:
-        return "unknown"
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "unknown"
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for d in SOURCE_DIRS:
+        for p in sorted((root / d).rglob("*")):
+            if p.suffix in (".py", ".yaml", ".jinja") and "__pycache__" not in p.parts:
+                h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+    libraries = ",".join(f"{name}=={installed(name)}" for name in LIBRARIES)
+    return f"{installed('rlhf')}+src.{h.hexdigest()[:12]} {libraries}"
 
 
 def plain_config(cfg: Any) -> dict[str, Any]:

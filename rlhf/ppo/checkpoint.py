@@ -20,7 +20,6 @@ changed later (a full disk, a copy cut short) refuses the checkpoint instead of 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from rlhf.manifest import build_manifest, fsync_dir, fsync_tree, manifest_problem
 
 log = logging.getLogger(__name__)
 
@@ -107,36 +108,15 @@ def _corrupt(checkpoint: Path, error: BaseException | str) -> str:
     )
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def build_manifest(root: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {"size", "sha256"}} of every file under `root` but the manifest itself."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != MANIFEST)
-    return {
-        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files
-    }
-
-
 def verify_checkpoint(checkpoint: Path) -> None:
     """CheckpointError naming the first file that is missing or differs from the checkpoint's manifest."""
     try:
         manifest = json.loads((checkpoint / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(_corrupt(checkpoint, f"no readable {MANIFEST}: {type(e).__name__}")) from None
-    for rel, expected in manifest.items():
-        path = checkpoint / rel
-        if not path.is_file():
-            raise CheckpointError(_corrupt(checkpoint, f"{rel} is missing"))
-        size = path.stat().st_size
-        if size != expected["size"]:
-            raise CheckpointError(
-                _corrupt(checkpoint, f"{rel} has {size} bytes, the manifest {expected['size']}")
-            )
-        if file_sha256(path) != expected["sha256"]:
-            raise CheckpointError(_corrupt(checkpoint, f"{rel} differs from its sha256 in the manifest"))
+    problem = manifest_problem(checkpoint, manifest)
+    if problem is not None:
+        raise CheckpointError(_corrupt(checkpoint, problem))
 
 
 @contextmanager
@@ -154,31 +134,6 @@ def _quiet():
         acc_logger.setLevel(level)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def _fsync_tree(path: Path) -> None:
-    """fsync every file, then every directory bottom-up, so the rename publishes durable contents."""
-    for dirpath, _, filenames in os.walk(path, topdown=False):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems do not fsync directories
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(
@@ -211,13 +166,13 @@ def save_checkpoint(
                     tokenizer.save_pretrained(tmp / name)
         (tmp / META).write_text(json.dumps({**meta, "update": update}, indent=1))
         (tmp / MANIFEST).write_text(
-            json.dumps(build_manifest(tmp), indent=1)
+            json.dumps(build_manifest(tmp, exclude=MANIFEST), indent=1)
         )  # last: it vouches for the rest
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in root.iterdir():
             if old != final and (old.name.startswith(PREFIX) or old.name.startswith(TMP_PREFIX)):
                 shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,163 @@
+"""Sweeps through the real `rlhf -m`: the stage cache shared by parallel jobs, failure isolation, W&B names, swept
+values and lineage, the Optuna sweeper and the sweep presets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf.pipeline import HydraJob, run_name, swept_keys, swept_values
+from rlhf.wandb_offline import find_offline_runs, read_offline_run
+
+RLHF = str(Path(sys.executable).with_name("rlhf"))
+SMALL = [
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_heads=2",
+    "task.num_demonstrations=48",
+    "task.num_preferences=48",
+    "task.eval_fraction=0.25",
+    "sft.num_train_epochs=1",
+    "reward.num_train_epochs=1",
+    "sft.per_device_train_batch_size=16",
+    "reward.per_device_train_batch_size=16",
+    "ppo.batch_size=16",
+    "ppo.num_mini_batches=2",
+    "ppo.num_ppo_epochs=1",
+    "ppo.response_length=4",
+    "ppo.total_episodes=32",
+    "evaluate.num_prompts=16",
+]
+
+
+def rlhf(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # each job starts its own W&B service
+    env.update(OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
+    return subprocess.run([RLHF, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _jobs(sweep: Path) -> dict[str, dict]:
+    """{ppo.kl_coef value: {"job": job.json, "summary": summary.json or None, "dir": job dir}}."""
+    out = {}
+    for job_file in sweep.glob("*/job.json"):
+        job = json.loads(job_file.read_text())
+        summary = job_file.parent / "summary.json"
+        kl = swept_values(tuple(job["overrides"]))["ppo.kl_coef"]
+        out[kl] = {
+            "job": job,
+            "summary": json.loads(summary.read_text()) if summary.exists() else None,
+            "dir": job_file.parent,
+        }
+    return out
+
+
+def test_run_names_show_the_swept_values(tmp_path):
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    task: ['ppo.kl_coef=0.02,0.1', '+task.env_kwargs.max_terms=2,3', 'seed=0']\n"
+    )
+    keys = swept_keys(tmp_path / "multirun.yaml", {"ppo.learning_rate": "interval(1e-4, 1e-3)"})
+    assert keys == {"ppo.kl_coef", "task.env_kwargs.max_terms", "ppo.learning_rate"}
+    assert swept_keys(tmp_path / "missing.yaml", None) is None
+    overrides = ("ppo.kl_coef=0.1", "+task.env_kwargs.max_terms=2", "seed=0")
+    job = HydraJob(Path("/s/1"), "sweep", 1, Path("/s"), overrides, keys)
+    assert swept_values(job.overrides, keys) == {"ppo.kl_coef": "0.1", "task.env_kwargs.max_terms": "2"}
+    assert run_name(job, "ppo") == "kl_coef=0.1,max_terms=2-ppo"
+    assert run_name(HydraJob(Path("/s/1"), "sweep", 1, Path("/s"), overrides), "ppo") == (
+        "kl_coef=0.1,max_terms=2,seed=0-ppo"  # swept keys unknown: every override
+    )
+    assert run_name(HydraJob(Path("/r"), "r"), "sft") == "r-sft"  # a single run
+    assert run_name(HydraJob(Path("/s/0"), "sweep", 0, Path("/s")), "sft") == "0-sft"  # a job without overrides
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        [],  # basic: jobs one after the other
+        ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+        ["hydra/launcher=submitit_local"],  # the same plugin as hydra/launcher=slurm on a cluster
+    ],
+    ids=["basic", "joblib", "submitit_local"],
+)
+def test_a_sweep_trains_shared_stages_once_and_keeps_going_past_a_failed_job(tmp_path, launcher):
+    proc = rlhf("-m", *launcher, "ppo.kl_coef=0.02,0.1,-1", "hydra.sweep.dir=sweep", *SMALL, cwd=tmp_path)
+    sweep = tmp_path / "sweep"
+    jobs = _jobs(sweep)
+    assert set(jobs) == {"0.02", "0.1", "-1"}, proc.stderr[-2000:]
+
+    # the bad value fails its own job with one line; the others finish
+    failed = jobs.pop("-1")["job"]
+    assert failed["status"] == "failed" and "ppo.kl_coef" in failed["error"] and "\n" not in failed["error"]
+    assert all(j["job"]["status"] == "finished" for j in jobs.values()), proc.stderr[-2000:]
+
+    # SFT and the reward model were trained by one job and reused from the cache by the other, also in parallel
+    summaries = [j["summary"]["stages"] for j in jobs.values()]
+    for stage in ("sft", "reward"):
+        assert sorted(s[stage]["cached"] for s in summaries) == [False, True]
+        assert len({s[stage]["cache_entry"] for s in summaries}) == 1
+        assert len({s[stage]["key"] for s in summaries}) == 1
+        assert Path(summaries[0][stage]["cache_entry"]).parent == (sweep / ".stage_cache").resolve()
+    assert not any(s["ppo"]["cached"] for s in summaries)
+    assert all("ppo/gold_reward" in s["evaluate"]["metrics"] for s in summaries)
+
+    # W&B: one group for the sweep, names and config columns with the swept value, lineage to the models used
+    for kl, job in jobs.items():
+        runs = {r["run"]["job_type"]: r for r in map(read_offline_run, find_offline_runs(job["dir"]))}
+        stages = job["summary"]["stages"]
+        ppo = runs["ppo"]
+        assert ppo["run"]["group"] == "sweep" and ppo["run"]["name"] == f"kl_coef={kl}-ppo"
+        assert ppo["config"]["swept"] == {"ppo.kl_coef": kl}
+        for upstream in ("sft", "reward"):
+            used = ppo["config"]["inputs"][upstream]
+            assert used["artifact"] == stages[upstream]["wandb_artifact"] is not None
+            assert used["key"] == stages[upstream]["key"] and used["cached"] == stages[upstream]["cached"]
+        assert set(runs) == {"ppo", "evaluate"} | {s for s in ("sft", "reward") if not stages[s]["cached"]}
+    assert proc.returncode != 0  # a sweep with a failed job still says so in its exit status
+
+
+@pytest.mark.slow
+def test_the_optuna_sweeper_returns_the_best_value_of_the_named_metric(tmp_path):
+    proc = rlhf(
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.direction=maximize",
+        "+hydra.sweeper.sampler.seed=0",
+        "ppo.kl_coef=interval(0.01,0.3)",
+        "objective=stages.evaluate.metrics.ppo/gold_reward",
+        "hydra.sweep.dir=sweep",
+        *SMALL,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    values = [
+        json.loads(p.read_text())["stages"]["evaluate"]["metrics"]["ppo/gold_reward"]
+        for p in sweep.glob("*/summary.json")
+    ]
+    assert len(values) == 3
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["best_value"] == pytest.approx(max(values))
+    assert 0.01 <= result["best_params"]["ppo.kl_coef"] <= 0.3
+
+
+@pytest.mark.parametrize("preset", ["kl_seed", "reward_source", "optuna"])
+def test_each_sweep_preset_composes_its_sweep(tmp_path, preset):
+    proc = rlhf(f"sweep={preset}", "--cfg", "hydra", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    params = yaml.safe_load(proc.stdout)["hydra"]["sweeper"]["params"]
+    assert {"kl_seed": "ppo.kl_coef", "reward_source": "ppo.reward_source", "optuna": "ppo.kl_coef"}[preset] in params
+
+
+def test_the_slurm_launcher_preset_is_submitits(tmp_path):
+    proc = rlhf("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    launcher = yaml.safe_load(proc.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert launcher["partition"] == "gpu" and launcher["gpus_per_node"] == 1
