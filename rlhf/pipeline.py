@@ -34,6 +34,7 @@ from rlhf.stage_cache import StageCache
 from rlhf.stage_keys import StageKey, changes, stage_keys
 from rlhf.stages import BASE, REGISTRY
 from rlhf.stages.base import StageContext, StageResult, needs_message
+from rlhf.sweep import declared_keys, override_values
 from rlhf.tracking import plain_scalar
 from rlhf.validation import validate
 
@@ -102,30 +103,14 @@ def hydra_job() -> HydraJob:
     overrides = tuple(hc.overrides.task)
     if hc.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hc.sweep.dir).resolve()
-        swept = swept_keys(sweep_dir / "multirun.yaml", hc.sweeper.get("params"))
+        swept = declared_keys(sweep_dir, hc.sweeper.get("params")) or None
         return HydraJob(run_dir, _group_name(sweep_dir), hc.job.num, sweep_dir, overrides, swept)
     return HydraJob(run_dir, _group_name(run_dir), overrides=overrides)
 
 
-def swept_keys(multirun_yaml: Path, sweeper_params: Any) -> frozenset[str] | None:
-    """The keys a sweep varies: its sweep overrides (`ppo.kl_coef=0.02,0.1`, `interval(...)`) as recorded in the
-    sweep's multirun.yaml, and the sweeper's `params` (a sweep preset's); None when neither is known."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
-    keys = set(sweeper_params or {})
-    if multirun_yaml.exists():
-        task = OmegaConf.load(multirun_yaml).hydra.overrides.task
-        parsed = OverridesParser.create().parse_overrides(list(task))
-        keys |= {o.key_or_group for o in parsed if o.is_sweep_override()}
-    return frozenset(keys) if keys else None
-
-
 def swept_values(overrides: tuple[str, ...], keys: frozenset[str] | None = None) -> dict[str, str]:
-    """`("ppo.kl_coef=0.02", "+task.x=1")` -> `{"ppo.kl_coef": "0.02", "task.x": "1"}`: the overrides of `keys`
-    (all when None)."""
-    pairs = (o.split("=", 1) for o in overrides if "=" in o)
-    values = {k.lstrip("+~"): v for k, v in pairs}
+    """A job's values of the swept `keys` (every override when the keys are unknown)."""
+    values = override_values(overrides)
     return values if keys is None else {k: v for k, v in values.items() if k in keys}
 
 

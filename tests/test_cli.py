@@ -1,4 +1,5 @@
-"""The real `rlhf` command in a subprocess: help, --cfg, errors, a run, and multirun sweeps (basic and joblib)."""
+"""The real `rlhf` command in a subprocess: help, --cfg, errors, a run, and a multirun (the parallel launchers, the
+stage cache and the Optuna sweeper: tests/test_sweeps.py)."""
 
 from __future__ import annotations
 
@@ -100,27 +101,6 @@ def _check_sweep(sweep: Path) -> None:
 
 def test_multirun_basic_launcher(tmp_path):
     rlhf("-m", "stages=[sft]", "sft.learning_rate=1e-3,3e-3", "hydra.sweep.dir=sweep", *TINY, cwd=tmp_path)
-    _check_sweep(tmp_path / "sweep")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "launcher",
-    [
-        ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
-        ["hydra/launcher=submitit_local"],  # the same plugin as hydra/launcher=submitit_slurm on a cluster
-    ],
-)
-def test_multirun_parallel_launchers(tmp_path, launcher):
-    rlhf(
-        "-m",
-        *launcher,
-        "stages=[sft]",
-        "sft.learning_rate=1e-3,3e-3",
-        "hydra.sweep.dir=sweep",
-        *TINY,
-        cwd=tmp_path,
-    )
     _check_sweep(tmp_path / "sweep")
 
 

@@ -3,6 +3,7 @@ values and lineage, the Optuna sweeper and the sweep presets."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.pipeline import HydraJob, run_name, swept_keys, swept_values
+from rlhf.pipeline import HydraJob, run_name, swept_values
+from rlhf.sweep import declared_keys
 from rlhf.wandb_offline import find_offline_runs, read_offline_run
 
 RLHF = str(Path(sys.executable).with_name("rlhf"))
@@ -61,9 +63,9 @@ def test_run_names_show_the_swept_values(tmp_path):
     (tmp_path / "multirun.yaml").write_text(
         "hydra:\n  overrides:\n    task: ['ppo.kl_coef=0.02,0.1', '+task.env_kwargs.max_terms=2,3', 'seed=0']\n"
     )
-    keys = swept_keys(tmp_path / "multirun.yaml", {"ppo.learning_rate": "interval(1e-4, 1e-3)"})
+    keys = declared_keys(tmp_path, {"ppo.learning_rate": "interval(1e-4, 1e-3)"})
     assert keys == {"ppo.kl_coef", "task.env_kwargs.max_terms", "ppo.learning_rate"}
-    assert swept_keys(tmp_path / "missing.yaml", None) is None
+    assert declared_keys(tmp_path / "elsewhere") == frozenset()
     overrides = ("ppo.kl_coef=0.1", "+task.env_kwargs.max_terms=2", "seed=0")
     job = HydraJob(Path("/s/1"), "sweep", 1, Path("/s"), overrides, keys)
     assert swept_values(job.overrides, keys) == {"ppo.kl_coef": "0.1", "task.env_kwargs.max_terms": "2"}
@@ -72,7 +74,9 @@ def test_run_names_show_the_swept_values(tmp_path):
         "kl_coef=0.1,max_terms=2,seed=0-ppo"  # swept keys unknown: every override
     )
     assert run_name(HydraJob(Path("/r"), "r"), "sft") == "r-sft"  # a single run
-    assert run_name(HydraJob(Path("/s/0"), "sweep", 0, Path("/s")), "sft") == "0-sft"  # a job without overrides
+    assert (
+        run_name(HydraJob(Path("/s/0"), "sweep", 0, Path("/s")), "sft") == "0-sft"
+    )  # a job without overrides
 
 
 @pytest.mark.slow
@@ -118,7 +122,35 @@ def test_a_sweep_trains_shared_stages_once_and_keeps_going_past_a_failed_job(tmp
             assert used["artifact"] == stages[upstream]["wandb_artifact"] is not None
             assert used["key"] == stages[upstream]["key"] and used["cached"] == stages[upstream]["cached"]
         assert set(runs) == {"ppo", "evaluate"} | {s for s in ("sft", "reward") if not stages[s]["cached"]}
-    assert proc.returncode != 0  # a sweep with a failed job still says so in its exit status
+    # the report, written by the sweep's callback: every job, the failed one with its error, and the plot
+    rows = {row["ppo.kl_coef"]: row for row in csv.DictReader((sweep / "report.csv").open())}
+    assert {k: r["status"] for k, r in rows.items()} == {"0.02": "finished", "0.1": "finished", "-1": "failed"}
+    assert rows["-1"]["error"] == failed["error"]
+    assert sorted(r["cached"] for k, r in rows.items() if k != "-1") == ["", "sft reward"]
+    assert (sweep / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| job | ppo.kl_coef | status |" in proc.stdout
+    assert f"rlhf-sync {sweep.name}" in proc.stdout  # the one command that uploads the sweep
+    assert proc.returncode != 0 and "1 of 3 jobs failed" in proc.stderr  # still said, after the report
+
+    # offline, the lineage waits in each run's config; rlhf-sync uploads every run and then declares it
+    sync = subprocess.run(
+        [str(Path(sys.executable).with_name("rlhf-sync")), str(sweep), "--dry-run"],
+        capture_output=True,
+        text=True,
+    )
+    assert sync.returncode == 0, sync.stderr
+    assert sync.stdout.count("/wandb/offline-run-") == sum(
+        len(find_offline_runs(j["dir"])) for j in jobs.values()
+    )
+    for job in jobs.values():
+        stages = job["summary"]["stages"]
+        for upstream in ("sft", "reward"):  # PPO's inputs (evaluate reads them too)
+            line = f"lineage: run {stages['ppo']['wandb_run']} (kl_coef="
+            assert (
+                f"{line}{swept_values(tuple(job['job']['overrides']))['ppo.kl_coef']}-ppo) uses "
+                + stages[upstream]["wandb_artifact"]
+                in sync.stdout
+            )
 
 
 @pytest.mark.slow
@@ -152,7 +184,9 @@ def test_each_sweep_preset_composes_its_sweep(tmp_path, preset):
     proc = rlhf(f"sweep={preset}", "--cfg", "hydra", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     params = yaml.safe_load(proc.stdout)["hydra"]["sweeper"]["params"]
-    assert {"kl_seed": "ppo.kl_coef", "reward_source": "ppo.reward_source", "optuna": "ppo.kl_coef"}[preset] in params
+    assert {"kl_seed": "ppo.kl_coef", "reward_source": "ppo.reward_source", "optuna": "ppo.kl_coef"}[
+        preset
+    ] in params
 
 
 def test_the_slurm_launcher_preset_is_submitits(tmp_path):
