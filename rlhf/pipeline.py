@@ -9,7 +9,9 @@ In this order, so that a mistake costs seconds and a run directory never lies:
              every stage after it. summary.json forgets what will be redone before anything runs, so a kill at any
              later moment leaves only valid entries. A PPO checkpoint is resumed only under the same key.
 4. base      the tiny base model is (re)built when its key changed
-5. stages    from the registry (`rlhf.stages.REGISTRY`): one W&B run each; summary.json after each
+5. stages    from the registry (`rlhf.stages.REGISTRY`): one W&B run each; summary.json after each. With a stage
+             cache (`rlhf.stage_cache`; a multirun's jobs share one), a stage whose key has a published entry is
+             reused from it instead ("cached": true), and every stage that runs is published there
 
 Any user mistake found in steps 1-4 is an InputError: one line, before any training.
 """
@@ -25,7 +27,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from rlhf.stage_cache import StageCache
 from rlhf.stage_keys import StageKey, changes, stage_keys
 from rlhf.stages import BASE, REGISTRY
 from rlhf.stages.base import StageContext, StageResult, needs_message
-from rlhf.sweep import declared_keys, override_values
+from rlhf.sweep import declared_keys, swept_values
 from rlhf.tracking import plain_scalar
 from rlhf.validation import validate
 
@@ -106,12 +108,6 @@ def hydra_job() -> HydraJob:
         swept = declared_keys(sweep_dir, hc.sweeper.get("params")) or None
         return HydraJob(run_dir, _group_name(sweep_dir), hc.job.num, sweep_dir, overrides, swept)
     return HydraJob(run_dir, _group_name(run_dir), overrides=overrides)
-
-
-def swept_values(overrides: tuple[str, ...], keys: frozenset[str] | None = None) -> dict[str, str]:
-    """A job's values of the swept `keys` (every override when the keys are unknown)."""
-    values = override_values(overrides)
-    return values if keys is None else {k: v for k, v in values.items() if k in keys}
 
 
 def run_name(job: HydraJob, stage: str) -> str:
@@ -305,9 +301,10 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
     from rlhf.run_lock import hold_run_dir
 
     under_hydra = run_dir is None
-    job = hydra_job() if under_hydra else HydraJob(Path(run_dir), group or _group_name(Path(run_dir)))
+    job = hydra_job() if under_hydra else HydraJob(Path(run_dir), _group_name(Path(run_dir)))
+    job = replace(job, group=group or job.group)
     run_dir = job.run_dir.resolve()
-    group = group or job.group
+    group = job.group
     with ExitStack() as held:
         with _input_errors():
             selected = validate(cfg, num_processes=int(os.environ.get("WORLD_SIZE", "1")))

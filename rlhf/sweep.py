@@ -43,3 +43,11 @@ def declared_keys(sweep_dir: Path, sweeper_params: Any = None) -> frozenset[str]
         except Exception as e:  # a hand-edited or foreign multirun.yaml: callers fall back to the overrides
             log.debug("%s not read: %s", path, e)
     return frozenset(k.lstrip("+~") for k in keys)
+
+
+def swept_values(
+    overrides: list[str] | tuple[str, ...], keys: frozenset[str] | None = None
+) -> dict[str, str]:
+    """A job's values of the swept `keys` (every override when the keys are unknown)."""
+    values = override_values(overrides)
+    return values if keys is None else {k: v for k, v in values.items() if k in keys}

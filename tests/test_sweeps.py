@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.pipeline import HydraJob, run_name, swept_values
-from rlhf.sweep import declared_keys
+from rlhf.pipeline import HydraJob, run_name
+from rlhf.sweep import declared_keys, swept_values
 from rlhf.wandb_offline import find_offline_runs, read_offline_run
 
 RLHF = str(Path(sys.executable).with_name("rlhf"))
@@ -124,7 +124,11 @@ def test_a_sweep_trains_shared_stages_once_and_keeps_going_past_a_failed_job(tmp
         assert set(runs) == {"ppo", "evaluate"} | {s for s in ("sft", "reward") if not stages[s]["cached"]}
     # the report, written by the sweep's callback: every job, the failed one with its error, and the plot
     rows = {row["ppo.kl_coef"]: row for row in csv.DictReader((sweep / "report.csv").open())}
-    assert {k: r["status"] for k, r in rows.items()} == {"0.02": "finished", "0.1": "finished", "-1": "failed"}
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "0.02": "finished",
+        "0.1": "finished",
+        "-1": "failed",
+    }
     assert rows["-1"]["error"] == failed["error"]
     assert sorted(r["cached"] for k, r in rows.items() if k != "-1") == ["", "sft reward"]
     assert (sweep / "report.png").read_bytes()[:4] == b"\x89PNG"
