@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RLHF = str(Path(sys.executable).with_name("rlhf"))
+RLHF = [sys.executable, "-m", "rlhf"]  # this checkout's package, whatever is installed
 KL_VALUES = "0.005,0.01,0.02,0.03,0.05,0.07,0.1,0.2"
 LAUNCHERS = {"joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], "basic": []}
 
@@ -35,7 +35,7 @@ def sweep(out: Path, cache: bool, launcher: str, extra: list[str]) -> dict:
     print(f"running: {command}", file=sys.stderr, flush=True)
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     start = time.perf_counter()
-    proc = subprocess.run([RLHF, *args, *extra], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run([*RLHF, *args, *extra], cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{command} failed:\n{proc.stderr[-3000:]}")
