@@ -205,7 +205,7 @@ class PPOConfig:
     resume: bool = True
     """Resume from the last checkpoint in the stage directory when there is one."""
     log_every: int = 1
-    """Updates between logged metric lines."""
+    """Updates between rows of metrics in W&B (history.jsonl has every update; the console: console_every)."""
     console_every: int = 5
     """Updates between compact console lines (gold reward, score, KL, length, reward components, eps), plus the first
     and last update; 0 prints none. The default gives ~14 lines for 64 updates; the full set goes to W&B."""

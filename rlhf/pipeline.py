@@ -303,6 +303,10 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
     under_hydra = run_dir is None
     job = hydra_job() if under_hydra else HydraJob(Path(run_dir), _group_name(Path(run_dir)))
     job = replace(job, group=group or job.group)
+    if under_hydra:
+        from rlhf.console import set_job
+
+        set_job(job.num)  # in a sweep, console lines and bars say which job they come from
     run_dir = job.run_dir.resolve()
     group = job.group
     with ExitStack() as held:

@@ -2,7 +2,8 @@
 
 Every stage gets a `StageTracker`. With `logger=none` it is a no-op that still prints one console line per logged
 step, so stages never branch on the backend. TRL trainers log into the already-initialised run through
-`report_to="wandb"` (transformers' WandbCallback reuses `wandb.run`).
+`report_to="wandb"` (transformers' WandbCallback reuses `wandb.run`). The training loops print their own progress bars
+and compact lines (`rlhf.console`): the tracker gets every metric, the console a handful.
 
 W&B keeps everything under the run directory: WANDB_DIR, WANDB_DATA_DIR (artifact staging) and WANDB_CACHE_DIR
 point there, so an offline run works with no network, no account and no writes to the home directory;
@@ -66,7 +67,7 @@ class StageTracker:
         return self._run is not None
 
     def log(self, metrics: dict[str, float], step: int, console: bool = True) -> None:
-        """W&B log at `step` and one console line (through `logging`, logger `rlhf`)."""
+        """W&B log at `step` and, with `console`, one line of every metric (through `logging`, logger `rlhf`)."""
         metrics = {k: plain_scalar(v) for k, v in metrics.items()}
         if console:
             log.info(format_metrics(self.stage, metrics, step))
@@ -186,11 +187,16 @@ def start_stage(
     group: str,
     resume_id: str | None = None,
     name: str | None = None,
+    swept: dict[str, Any] | None = None,
+    inputs: dict[str, dict[str, Any]] | None = None,
 ) -> StageTracker:
     """Start the stage's W&B run: project from config, `group`, job_type = stage, config = the resolved config.
 
     `resume_id`: continue that run (a resumed stage); the steps its earlier processes wrote into `run_dir` are
     read back into `tracker.recorded_steps`, so that replaying a stage's history writes each step once.
+    `swept`: a sweep job's swept values, added to the config as `swept.<key>` columns. `inputs`: the upstream
+    outputs the stage reads (`pipeline.stage_inputs`), added to the config as `inputs` and, online, declared with
+    `use_artifact` so that W&B's artifact graph links them to this run (cached ones included).
     """
     if cfg.logger.backend == "none" or cfg.logger.mode == "disabled":
         return null_tracker(stage)
@@ -202,6 +208,10 @@ def start_stage(
         if key != "WANDB_DIR":
             Path(value).mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else _asdict(cfg)
+    if swept:
+        config["swept"] = dict(swept)
+    if inputs:
+        config["inputs"] = inputs
     run = wandb.init(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
@@ -218,6 +228,8 @@ def start_stage(
         settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True, disable_git=True),
     )
     tracker = StageTracker(stage, run, log_artifacts=cfg.logger.log_artifacts)
+    if run.settings.mode == "online":
+        use_inputs(run, inputs or {})
     if resume_id:
         from rlhf.wandb_offline import logged_steps
 
@@ -226,6 +238,17 @@ def start_stage(
         "[%s] W&B run %s (%s), group %s, files in %s", stage, run.id, cfg.logger.mode, run.group, tracker.dir
     )
     return tracker
+
+
+def use_inputs(run: Any, inputs: dict[str, dict[str, Any]]) -> None:
+    """Declare each upstream W&B artifact as an input of `run` (online only: W&B refuses `use_artifact` offline;
+    there the lineage lives in the run's `inputs` config until `rlhf-sync` declares it after `wandb sync`)."""
+    for upstream, spec in inputs.items():
+        if spec.get("artifact"):
+            try:
+                run.use_artifact(f"{spec['artifact']}:latest")
+            except Exception as e:  # a missing upstream artifact must not stop training
+                log.warning("W&B lineage: cannot use artifact %s of %s: %s", spec["artifact"], upstream, e)
 
 
 def _asdict(cfg: Any) -> dict:
@@ -248,21 +271,3 @@ def rewrite_trainer_logs(logs: dict[str, Any]) -> dict[str, Any]:
         else:
             out["train/" + key] = value
     return out
-
-
-def console_progress_callback(stage: str):
-    """transformers' progress bars, but each logged step becomes one `logging` line instead of a printed dict."""
-    from transformers.trainer_callback import ProgressCallback
-
-    class ConsoleProgress(ProgressCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            super().on_train_begin(args, state, control, **kwargs)
-            if self.training_bar is not None:
-                self.training_bar.set_description(stage)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                logs = {k: v for k, v in rewrite_trainer_logs(logs).items() if not isinstance(v, str)}
-                log.info(format_metrics(stage, logs, state.global_step))
-
-    return ConsoleProgress()

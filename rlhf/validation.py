@@ -107,7 +107,18 @@ def check_ppo(p: Any, num_processes: int = 1) -> None:
     _positive(p, "ppo", "max_grad_norm", "kl_target", "target_kl")
     _at_least(p, "ppo", 1, "batch_size", "total_episodes", "response_length", "num_ppo_epochs")
     _at_least(p, "ppo", 1, "num_mini_batches", "num_generations", "forward_batch_size", "kl_horizon")
-    _at_least(p, "ppo", 0, "kl_coef", "vf_coef", "weight_decay", "save_every", "log_every", "samples_every")
+    _at_least(
+        p,
+        "ppo",
+        0,
+        "kl_coef",
+        "vf_coef",
+        "weight_decay",
+        "save_every",
+        "log_every",
+        "console_every",
+        "samples_every",
+    )
     _fraction(p, "ppo", "gamma", "lam")
     if p.batch_size % num_processes:
         raise ValueError(f"ppo.batch_size={p.batch_size} must be divisible by the {num_processes} processes")

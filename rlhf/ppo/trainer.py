@@ -38,8 +38,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from tqdm.auto import tqdm
 
+from rlhf.console import ppo_line, progress
 from rlhf.ppo.advantages import gae, group_token_advantages
 from rlhf.ppo.checkpoint import (
     checkpoint_root,
@@ -296,10 +296,10 @@ class PPOTrainer:
         if self.update == 0 and not (self.cfg.resume and self.resume()):
             self._start_over()
         stop = self.num_updates if max_updates is None else min(self.num_updates, self.update + max_updates)
-        bar = tqdm(
+        bar = progress(
+            "ppo",
             total=self.num_updates,
             initial=self.update,
-            desc="ppo",
             unit="update",
             disable=not self.acc.is_main_process,
         )
@@ -621,17 +621,20 @@ class PPOTrainer:
             )
 
     def _record(self, metrics: dict[str, float], ro: Rollout) -> None:
-        """history.jsonl every update, the tracker every log_every, a samples table every samples_every."""
+        """history.jsonl every update, a compact console line every console_every, the tracker (every metric)
+        every log_every, a samples table every samples_every."""
         if not self.acc.is_main_process:
             return
         row = {"update": self.update, **metrics}
         self.history_path.parent.mkdir(parents=True, exist_ok=True)
         with self.history_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self._shown(self.update):
+            log.info(ppo_line(metrics, self.update, self.num_updates))
         if self.tracker is None:
             return
         if self._tracked(self.update):
-            self.tracker.log(metrics, step=self.update)
+            self.tracker.log(metrics, step=self.update, console=False)
         if self.cfg.samples_every > 0 and (self.update % self.cfg.samples_every == 0 or self.update == 1):
             scores = ro.env_rewards.tolist()
             rows = [[self.update, q, t, s] for q, t, s in zip(ro.queries, ro.transcripts, scores)][:16]
@@ -656,6 +659,11 @@ class PPOTrainer:
         }
         self.last_checkpoint = save_checkpoint(self.acc, self.output_dir, self.update, meta, pretrained)
         return self.last_checkpoint
+
+    def _shown(self, update: int) -> bool:
+        """Whether update `update` prints a console line (every console_every, the first and the last)."""
+        every = self.cfg.console_every
+        return every > 0 and (update % every == 0 or update in (1, self.num_updates))
 
     def _tracked(self, update: int) -> bool:
         """Whether update `update`'s metrics go to the tracker (every log_every, and the last)."""
