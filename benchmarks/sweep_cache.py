@@ -30,7 +30,13 @@ LAUNCHERS = {"joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], "ba
 
 
 def sweep(out: Path, cache: bool, launcher: str, extra: list[str]) -> dict:
-    args = ["-m", *LAUNCHERS[launcher], f"ppo.kl_coef={KL_VALUES}", f"hydra.sweep.dir={out}", f"cache={cache}"]
+    args = [
+        "-m",
+        *LAUNCHERS[launcher],
+        f"ppo.kl_coef={KL_VALUES}",
+        f"hydra.sweep.dir={out}",
+        f"cache={cache}",
+    ]
     command = "rlhf " + shlex.join([*args, *extra])
     print(f"running: {command}", file=sys.stderr, flush=True)
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
@@ -58,7 +64,9 @@ def main() -> None:
             "stage cache (default)": sweep(Path(tmp) / "on", True, args.launcher, args.extra),
         }
     print(f"\n8-job PPO sweep, launcher {args.launcher}\n")
-    print("| | wall time | SFT + reward seconds (all jobs) | jobs that trained sft / reward / ppo | mean gold |")
+    print(
+        "| | wall time | SFT + reward seconds (all jobs) | jobs that trained sft / reward / ppo | mean gold |"
+    )
     print("|---|---|---|---|---|")
     for name, r in rows.items():
         t = r["trained"]

@@ -104,9 +104,13 @@ def test_jobs_take_an_entrys_lock_in_turn(tmp_path):
 def test_runs_sharing_a_cache_train_sft_and_reward_once_when_only_ppo_changes(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="rlhf")
     cache = f"cache_dir={tmp_path / 'cache'}"
-    first = run(compose([*TINY, cache, "stages=[sft,reward,ppo]", "ppo.kl_coef=0.02"]), run_dir=tmp_path / "a")
+    first = run(
+        compose([*TINY, cache, "stages=[sft,reward,ppo]", "ppo.kl_coef=0.02"]), run_dir=tmp_path / "a"
+    )
     assert not any(e["cached"] for e in first["stages"].values())
-    second = run(compose([*TINY, cache, "stages=[sft,reward,ppo]", "ppo.kl_coef=0.1"]), run_dir=tmp_path / "b")
+    second = run(
+        compose([*TINY, cache, "stages=[sft,reward,ppo]", "ppo.kl_coef=0.1"]), run_dir=tmp_path / "b"
+    )
     stages = second["stages"]
     assert stages["sft"]["cached"] and stages["reward"]["cached"] and not stages["ppo"]["cached"]
     for name in ("sft", "reward"):
