@@ -16,7 +16,9 @@ from rlhf.validation import select_stages, validate
 GROUPS = sorted(
     p.name
     for p in Path(CONF_DIR).iterdir()
-    if p.is_dir() and not p.name.startswith("_") and p.name != "experiment"  # presets: tested below
+    if p.is_dir()
+    and not p.name.startswith("_")
+    and p.name not in ("experiment", "sweep")  # presets: experiment below, sweep in test_sweeps.py
 )
 
 
