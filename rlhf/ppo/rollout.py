@@ -12,8 +12,10 @@ Layout of one batch of episodes (B episodes, Q query tokens, R response tokens):
     response_ids  (B, R)  everything after it: reply 1 [+ stop], env message 1, reply 2 [+ stop], ..., right-padded
     action_mask   (B, R)  True on the policy's own tokens (replies and their stop token), False on env messages/padding
 
-Log-probabilities are not taken from the sampler: after the episodes end, one forward pass over the final
-sequences computes them, exactly as the PPO update will (same positions, same masks), so the first ratio is 1.
+Generation is `rlhf.ppo.sampler.KVSampler`: one KV cache for the whole batch of episodes, kept across turns, a
+group's shared prompt prefilled once. The log-probabilities are the sampler's own (no second forward pass): the
+positions and masks are those the PPO update uses, so they equal the update's first forward pass up to float
+rounding (the first ratio is 1 to ~1e-6 in float32).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from typing import Any
 
 import gymnasium
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.formatting import ChatFormat
 from rlhf.ppo.ops import logprobs_from_logits
+from rlhf.ppo.sampler import KVSampler
 
 
 class EnvFailure(RuntimeError):
@@ -152,69 +155,6 @@ def sequence_logprobs(
     return torch.cat(parts)
 
 
-def _generation_config(
-    response_length: int, temperature: float, stop_token_id: int | None, pad_token_id: int
-) -> GenerationConfig:
-    """Plain sampling from softmax(logits / temperature): PPO's stored log-probabilities assume exactly that.
-
-    `eos_token_id=[]` disables stopping (`None` would mean "the model's own EOS"). See `generate_replies` for
-    how the model's own generation_config (a hub model's top_p, repetition_penalty, ...) is kept out.
-    """
-    return GenerationConfig(
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else 1.0,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=response_length,
-        eos_token_id=[] if stop_token_id is None else stop_token_id,
-        pad_token_id=pad_token_id,
-        use_cache=True,
-    )
-
-
-@torch.no_grad()
-def generate_replies(
-    model: PreTrainedModel,
-    contexts: list[list[int]],
-    *,
-    response_length: int,
-    temperature: float,
-    stop_token_id: int | None,
-    pad_token_id: int,
-) -> list[list[int]]:
-    """One reply per context with the KV cache (HF `generate`): the sampled tokens up to and including the stop token.
-
-    contexts: token lists of different lengths (left-padded here). temperature 0 = greedy.
-    """
-    device = next(model.parameters()).device
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    longest = max(len(c) for c in contexts)
-    if max_positions is not None and longest + response_length > max_positions:
-        raise ValueError(
-            f"episode context of {longest} tokens + response_length {response_length} exceeds the model's "
-            f"max_position_embeddings {max_positions}; lower ppo.response_length or use a model with longer context"
-        )
-    ids, mask = left_pad(contexts, pad_token_id, device)
-    gen_cfg = _generation_config(response_length, temperature, stop_token_id, pad_token_id)
-    # `generate` fills every value left unset from the model's generation_config (repetition_penalty,
-    # no_repeat_ngram_size, suppress_tokens, ...): any of them would make the sampler differ from the policy whose
-    # log-probabilities PPO uses. Generate against a blank one instead.
-    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    saved = owner.generation_config
-    owner.generation_config = GenerationConfig()
-    try:
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
-    finally:
-        owner.generation_config = saved
-    new = out[:, ids.shape[1] :].tolist()  # (B, <= response_length)
-    replies = []
-    for row in new:
-        if stop_token_id is not None and stop_token_id in row:
-            row = row[: row.index(stop_token_id) + 1]
-        replies.append(row)
-    return replies
-
-
 @dataclass
 class _Episode:
     env: gymnasium.Env
@@ -222,6 +162,9 @@ class _Episode:
     query: list[int]
     query_text: str
     tokens: list[int] = field(default_factory=list)  # response part: replies and env messages
+    logprobs: list[float] = field(
+        default_factory=list
+    )  # the sampler's, per token of `tokens` (0 on env tokens)
     is_action: list[bool] = field(default_factory=list)
     turn_end_positions: list[int] = field(default_factory=list)
     turn_rewards: list[float] = field(default_factory=list)
@@ -231,6 +174,7 @@ class _Episode:
     observations: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     done: bool = False
+    unseen: list[int] = field(default_factory=list)  # env tokens the sampler's cache has not read yet
 
 
 def _check_reward(reward: Any, env: gymnasium.Env, seed: int, turn: int) -> float:
@@ -301,7 +245,6 @@ def rollout(
     temperature: float = 1.0,
     stop_token_id: int | None = None,
     max_turns: int | None = None,
-    forward_batch_size: int = 64,
 ) -> Rollout:
     """Play one episode in each env (`env.reset(seed=seeds[i])`), all envs' turns generated as one batch.
 
@@ -330,26 +273,20 @@ def rollout(
 
     was_training = model.training
     model.eval()
+    sampler = KVSampler(model, temperature=temperature, stop_token_id=stop_token_id, pad_token_id=pad_id)
+    sampler.start([ep.query for ep in episodes])  # a group's shared prompt is prefilled once
+    active = list(episodes)  # the sampler's rows, in order
     for turn in range(max_turns):
-        active = [ep for ep in episodes if not ep.done]
-        if not active:
-            break
-        # 1. generate this turn's replies for every unfinished episode at once
-        replies = generate_replies(
-            model,
-            [ep.query + ep.tokens for ep in active],
-            response_length=response_length,
-            temperature=temperature,
-            stop_token_id=stop_token_id,
-            pad_token_id=pad_id,
-        )
+        # 1. sample this turn's replies for every unfinished episode at once
+        replies, logprobs = sampler.sample(response_length)
         # 2. step each env with the decoded reply; append the reply's tokens and the env's answer
-        for ep, reply in zip(active, replies):
+        for ep, reply, reply_logprobs in zip(active, replies, logprobs):
             said = tokenizer.decode(reply, skip_special_tokens=True)
             text = fit_action(said, ep.env.action_space)
             obs, reward, terminated, truncated, info = _step(ep.env, text, ep.seed, turn)
             ended = stop_token_id is not None and reply[-1] == stop_token_id
             ep.tokens += reply
+            ep.logprobs += reply_logprobs
             ep.is_action += [True] * len(reply)
             ep.turn_end_positions.append(len(ep.tokens) - 1)
             ep.turn_rewards.append(_check_reward(reward, ep.env, ep.seed, turn))
@@ -364,24 +301,30 @@ def rollout(
                         f"environment {env_name(ep.env)} returned a {type(obs).__name__} observation "
                         f"(seed={ep.seed}, turn {turn}); expected str"
                     )
-                env_tokens = fmt.env_turn_ids(obs, reply_ended=ended)
-                ep.tokens += env_tokens
-                ep.is_action += [False] * len(env_tokens)
+                ep.unseen = fmt.env_turn_ids(obs, reply_ended=ended)
+                ep.tokens += ep.unseen
+                ep.logprobs += [0.0] * len(ep.unseen)
+                ep.is_action += [False] * len(ep.unseen)
                 ep.observations.append(obs)
+        # 3. the cache keeps the unfinished episodes and reads only what it has not seen (no re-read of history)
+        still = [i for i, ep in enumerate(active) if not ep.done]
+        if not still:
+            break
+        if len(still) < len(active):
+            sampler.keep(still)
+            active = [active[i] for i in still]
+        sampler.extend([ep.unseen for ep in active])
     model.train(was_training)
-    return _collate(model, tokenizer, episodes, max_turns, temperature, forward_batch_size, device)
+    return _collate(tokenizer, episodes, max_turns, device)
 
 
 def _collate(
-    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     episodes: list[_Episode],
     max_turns: int,
-    temperature: float,
-    forward_batch_size: int,
     device: torch.device,
 ) -> Rollout:
-    """Episodes -> padded tensors, then one forward pass for the log-probabilities of the sampled tokens."""
+    """Episodes -> padded tensors (the log-probabilities are the sampler's)."""
     pad_id = tokenizer.pad_token_id
     fmt = ChatFormat(tokenizer)
     B = len(episodes)
@@ -390,6 +333,7 @@ def _collate(
     response_ids = torch.full((B, R), pad_id, dtype=torch.long)
     response_mask = torch.zeros((B, R), dtype=torch.long)
     action_mask = torch.zeros((B, R), dtype=torch.bool)
+    logprobs = torch.zeros((B, R), dtype=torch.float32)
     turn_rewards = torch.zeros((B, R), dtype=torch.float32)
     turn_ends = torch.zeros((B, R), dtype=torch.bool)
     turn_eos = torch.zeros((B, R), dtype=torch.bool)
@@ -399,6 +343,7 @@ def _collate(
         response_ids[i, :n] = torch.tensor(ep.tokens, dtype=torch.long)
         response_mask[i, :n] = 1
         action_mask[i, :n] = torch.tensor(ep.is_action, dtype=torch.bool)
+        logprobs[i, :n] = torch.tensor(ep.logprobs, dtype=torch.float32)
         for k, (pos, r, eos) in enumerate(zip(ep.turn_end_positions, ep.turn_rewards, ep.turn_eos)):
             turn_rewards[i, pos] = r
             turn_ends[i, pos] = True
@@ -407,18 +352,7 @@ def _collate(
     attention_mask = torch.cat([query_mask, response_mask], dim=1).to(device)
     query_ids, response_ids = query_ids.to(device), response_ids.to(device)
     action_mask = action_mask.to(device)
-    was_training = model.training
-    model.eval()
-    logprobs = sequence_logprobs(
-        model,
-        torch.cat([query_ids, response_ids], dim=1),
-        attention_mask,
-        query_ids.shape[1],
-        temperature if temperature > 0 else 1.0,
-        forward_batch_size,
-    )
-    model.train(was_training)
-    logprobs = logprobs.masked_fill(~action_mask, 0.0)
+    logprobs = logprobs.to(device).masked_fill(~action_mask, 0.0)
     transcripts = []
     for ep in episodes:
         transcripts.append(tokenizer.decode(ep.tokens, skip_special_tokens=False))  # unpadded: eos kept

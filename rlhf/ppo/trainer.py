@@ -416,7 +416,6 @@ class PPOTrainer:
             response_length=self.cfg.response_length,
             temperature=self.cfg.temperature,
             stop_token_id=self.stop_token_id,
-            forward_batch_size=self.cfg.forward_batch_size,
         )
 
     # ------------------------------------------------------------------ 2. score

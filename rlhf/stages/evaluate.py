@@ -122,9 +122,8 @@ def evaluate_policy(
             response_length=cfg.ppo.response_length,
             temperature=e.temperature,
             stop_token_id=stop,
-            forward_batch_size=cfg.ppo.forward_batch_size,
         )
-        ref = sequence_logprobs(  # batched as the rollout's own pass: the SFT policy's KL to itself is exactly 0
+        ref = sequence_logprobs(  # the SFT policy's KL to itself is 0 up to float rounding
             reference,
             ro.query_responses,
             ro.attention_mask,

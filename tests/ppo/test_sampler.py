@@ -1,0 +1,170 @@
+"""KVSampler and its decoders: the logits they sample from equal the model's own forward over the unpadded episode.
+
+The fast Llama engine, the generic HF engine, shared group prompts, multi-turn cache reuse and dropped rows are
+each checked against a plain reference: one forward pass of the model over a single episode's real tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from peft import LoraConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from rlhf.ppo.decoder import HFDecoder, LlamaDecoder, make_decoder
+from rlhf.ppo.sampler import KVSampler
+
+
+def gqa_llama(vocab: int) -> LlamaForCausalLM:
+    """Grouped-query attention (2 key/value heads for 4 query heads), untied head, as SmolLM2 has GQA."""
+    torch.manual_seed(1)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def lora_llama(tokenizer):
+    """A LoRA policy whose adapters are non-zero (peft initialises B to 0, which would hide a mistake)."""
+    model = get_peft_model(
+        tiny_llama(tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def tiny_gpt2(vocab: int) -> GPT2LMHeadModel:
+    torch.manual_seed(3)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def reference_next_logits(model, tokens: list[int]) -> torch.Tensor:
+    """The model's own logits for the token after `tokens` (one unpadded sequence): (V,)."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([tokens])).logits[0, -1].float()
+
+
+def sampler_for(model, tokenizer, temperature=1.0):
+    return KVSampler(model, temperature=temperature, stop_token_id=tokenizer.eos_token_id, pad_token_id=0)
+
+
+MODELS = {
+    "llama": lambda tok: tiny_llama(tok),
+    "llama-gqa": lambda tok: gqa_llama(len(tok)),
+    "llama-lora": lora_llama,
+    "gpt2": lambda tok: tiny_gpt2(len(tok)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_engine_choice(tokenizer, name):
+    model = MODELS[name](tokenizer)
+    expected = HFDecoder if name == "gpt2" else LlamaDecoder
+    assert type(make_decoder(model)) is expected
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_prefill_decode_and_next_turn_logits_equal_the_unpadded_forward(tokenizer, name):
+    """Contexts of different lengths (left padding), replies that stop at different steps (holes), and a second
+    turn whose new tokens differ in length per row: every row's next-token logits are the model's own."""
+    model = MODELS[name](tokenizer)
+    torch.manual_seed(0)
+    contexts = [[5, 6, 7, 8, 9], [6], [7, 8, 9]]
+    s = sampler_for(model, tokenizer)
+    s.start(contexts)
+    for i, c in enumerate(contexts):
+        torch.testing.assert_close(
+            s.next_logits[i].float(), reference_next_logits(model, c), atol=1e-5, rtol=1e-5
+        )
+    replies, logprobs = s.sample(6)
+    # the log-probabilities returned are those of the reference forward over context + reply
+    for c, r, lp in zip(contexts, replies, logprobs):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([c + r])).logits[0, len(c) - 1 : -1].float()
+        expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(r)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(lp), expected, atol=1e-5, rtol=1e-5)
+    new = [[4, 5], [6, 7, 8, 9], [5]]
+    s.extend(new)
+    for i, (c, r, m) in enumerate(zip(contexts, replies, new)):
+        torch.testing.assert_close(
+            s.next_logits[i].float(), reference_next_logits(model, c + r + m), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_a_shared_prompt_is_prefilled_once_and_keep_drops_rows(tokenizer, monkeypatch):
+    model = tiny_llama(tokenizer)
+    seen = []
+
+    class Counting(LlamaDecoder):
+        def forward(self, ids, positions, key_mask):
+            seen.append(ids.shape[0])
+            return super().forward(ids, positions, key_mask)
+
+    monkeypatch.setattr("rlhf.ppo.sampler.make_decoder", Counting)
+    s = sampler_for(model, tokenizer)
+    seen.clear()
+    s.start([[5, 6], [5, 6], [5, 6], [7], [7], [7]])
+    assert seen == [2], "two distinct prompts: one prefill row each"
+    assert len(s) == 6
+    torch.testing.assert_close(s.next_logits[0], s.next_logits[2])
+    torch.testing.assert_close(
+        s.next_logits[3].float(), reference_next_logits(model, [7]), atol=1e-5, rtol=1e-5
+    )
+    s.sample(3)
+    s.keep([5, 1])
+    assert len(s) == 2 and s.mask.shape[0] == 2
+    s.extend([[4], [8, 9]])
+    assert s.next_logits.shape[0] == 2
+
+
+def test_greedy_replies_equal_plain_generate(tokenizer):
+    """The reference sampler: HF generate, greedy, on the same left-padded batch, for both engines."""
+    for model in (tiny_llama(tokenizer, eos_bias=0.5), tiny_gpt2(len(tokenizer))):
+        contexts = [[5, 6, 7], [8], [9, 5]]
+        s = sampler_for(model, tokenizer, temperature=0.0)
+        s.start(contexts)
+        replies, _ = s.sample(8)
+        for c, r in zip(contexts, replies):
+            out = model.generate(
+                input_ids=torch.tensor([c]),
+                attention_mask=torch.ones(1, len(c), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=8,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=0,
+            )[0, len(c) :].tolist()
+            if tokenizer.eos_token_id in out:
+                out = out[: out.index(tokenizer.eos_token_id) + 1]
+            assert r == out
+
+
+def test_lora_engine_follows_disabled_adapters(tokenizer):
+    """Built while the adapters are disabled (the LoRA reference), the engine computes the base model."""
+    model = lora_llama(tokenizer)
+    with model.disable_adapter():
+        s = sampler_for(model, tokenizer)
+        s.start([[5, 6, 7]])
+        base = reference_next_logits(model, [5, 6, 7])
+    torch.testing.assert_close(s.next_logits[0].float(), base, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(base, reference_next_logits(model, [5, 6, 7]), atol=1e-3)
+
+
+def test_over_long_context_is_a_clear_error(tokenizer):
+    model = tiny_llama(tokenizer)
+    s = sampler_for(model, tokenizer)
+    s.start([[5] * 120])
+    with pytest.raises(ValueError, match="max_position_embeddings 128"):
+        s.sample(16)
