@@ -217,6 +217,9 @@ class PPOConfig:
     """Whiten GAE advantages over each batch's action tokens (TRL does); group advantages are never whitened."""
     forward_batch_size: int = 64
     """Episodes per no-grad forward pass (reference, critic and reward model scoring); bounds memory."""
+    micro_batch_size: int | None = None
+    """Episodes per forward/backward inside a minibatch, gradients accumulated to one optimizer step (the same
+    step as the whole minibatch at once); bounds training memory whatever the batch size. None: the whole minibatch."""
     kl_in: str = one_of("reward", "reward", "loss")
     """Where the KL to the reference enters: reward (per-token penalty in the reward / advantage) | loss (a term of
     the policy loss, GRPO's beta)."""

@@ -106,7 +106,8 @@ def check_ppo(p: Any, num_processes: int = 1) -> None:
     )
     _positive(p, "ppo", "max_grad_norm", "kl_target", "target_kl")
     _at_least(p, "ppo", 1, "batch_size", "total_episodes", "response_length", "num_ppo_epochs")
-    _at_least(p, "ppo", 1, "num_mini_batches", "num_generations", "forward_batch_size", "kl_horizon")
+    _at_least(p, "ppo", 1, "num_mini_batches", "num_generations", "forward_batch_size", "micro_batch_size")
+    _at_least(p, "ppo", 1, "kl_horizon")
     _at_least(
         p,
         "ppo",

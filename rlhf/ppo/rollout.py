@@ -29,7 +29,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.formatting import ChatFormat
-from rlhf.ppo.ops import logprobs_from_logits
+from rlhf.ppo.ops import entropy_from_logits, fused_logprobs_entropy, logprobs_from_logits
 from rlhf.ppo.sampler import KVSampler
 
 
@@ -137,6 +137,52 @@ def response_logits(
     return out.logits[:, context_length - 1 : -1]
 
 
+def output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's LM head when its logits are exactly head(last hidden state), else None.
+
+    Models that scale or soft-cap their logits after the head (Gemma 2, Cohere, Granite), or whose head is not a
+    plain Linear (an adapted or quantized one), return None and are scored from their full logits.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(cfg, name, None) not in (None, 1.0):
+            return None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return head if type(head) is torch.nn.Linear else None
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    temperature: float,
+    head: torch.nn.Linear | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities and entropies of the response tokens: (B, Q + R) ids -> (B, R), (B, R) float32.
+
+    With `head` (`output_head` of the model), the model returns its last hidden states and the head is applied by
+    `ops.fused_logprobs_entropy` a chunk of tokens at a time, in the forward and in the backward: the (B, R, V)
+    logits never exist whole, whatever the vocabulary. Without, from the model's full logits. `model` may be the
+    DDP-wrapped policy (its forward is what synchronises gradients).
+    """
+    targets = query_responses[:, context_length:]
+    if head is None:
+        logits = response_logits(model, query_responses, attention_mask, context_length)  # (B, R, V)
+        return logprobs_from_logits(logits, targets, temperature), entropy_from_logits(logits, temperature)
+    out = model(
+        input_ids=query_responses,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=1,  # only the last position's logits: the head runs chunked below
+    )
+    hidden = out.hidden_states[-1][:, context_length - 1 : -1]  # (B, R, H) final-norm states
+    return fused_logprobs_entropy(hidden, head.weight, targets, temperature, bias=head.bias)
+
+
 @torch.no_grad()
 def sequence_logprobs(
     model: torch.nn.Module,
@@ -146,12 +192,13 @@ def sequence_logprobs(
     temperature: float = 1.0,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """Log-probabilities of the response tokens, (B, Q + R) -> (B, R) float32, computed in chunks of `batch_size`."""
+    """Log-probabilities of the response tokens, (B, Q + R) -> (B, R) float32, computed in chunks of `batch_size`
+    (and, where the model allows, without materialising the logits: `response_logprobs`)."""
+    head = output_head(model)
     parts = []
     for i in range(0, query_responses.shape[0], batch_size):
-        qr = query_responses[i : i + batch_size]
-        logits = response_logits(model, qr, attention_mask[i : i + batch_size], context_length)
-        parts.append(logprobs_from_logits(logits, qr[:, context_length:], temperature).float())
+        qr, mask = query_responses[i : i + batch_size], attention_mask[i : i + batch_size]
+        parts.append(response_logprobs(model, qr, mask, context_length, temperature, head)[0].float())
     return torch.cat(parts)
 
 
@@ -162,9 +209,8 @@ class _Episode:
     query: list[int]
     query_text: str
     tokens: list[int] = field(default_factory=list)  # response part: replies and env messages
-    logprobs: list[float] = field(
-        default_factory=list
-    )  # the sampler's, per token of `tokens` (0 on env tokens)
+    # the sampler's log-probability of each token of `tokens` (0 on env tokens)
+    logprobs: list[float] = field(default_factory=list)
     is_action: list[bool] = field(default_factory=list)
     turn_end_positions: list[int] = field(default_factory=list)
     turn_rewards: list[float] = field(default_factory=list)
