@@ -1,13 +1,14 @@
 """PPO throughput, ours against trl 1.12.0's PPOTrainer (the last TRL that shipped one), in one run.
 
     bash benchmarks/setup_peer.sh                     # once: benchmarks/.venv-trl112 with trl 1.12.0
-    .venv/bin/python benchmarks/ppo_vs_trl.py [--updates 8] [--repeats 3]
+    .venv/bin/python benchmarks/ppo_vs_trl.py [--updates 8] [--repeats 3] [--batch-size 64 --mini-batches 4]
 
 Both sides get the same work: prompts from `rlhf/Review-v0` resets, the same word-level vocabulary, the same tiny
 LlamaConfig for policy, reference, critic and reward model (fresh weights; reward_source=model), batch 64,
-16 response tokens, 4 PPO epochs x 4 minibatches, float32, `torch.set_num_threads(2)`. Each side runs in its own
-process (the peer with benchmarks/.venv-trl112/bin/python), so peak RSS is per side. s/update is the steady state:
-the first update (warm-up) is left out. Prints a markdown table.
+16 response tokens, 4 PPO epochs x 4 minibatches (or --batch-size / --mini-batches), float32. Each side runs with
+every thread count of --threads (default 1 and 2) and is reported at its best. Each run is its own process (the
+peer with benchmarks/.venv-trl112/bin/python), so peak RSS is per side. s/update is the steady state: the first
+update (warm-up) is left out. Prints a markdown table and the ratio of episodes/s; --json writes them.
 
 Measure on an idle machine: with 2 threads on 2 cores, one other busy process slows either side several-fold
 (every parallel op waits for its descheduled thread), so the table shows the 1-min load before each run.
@@ -29,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PEER_PYTHON = HERE / ".venv-trl112" / "bin" / "python"
 ENV_ID = "rlhf/Review-v0"
-BATCH_SIZE, RESPONSE_LENGTH = 64, 16
+RESPONSE_LENGTH = 16
 
 
 def write_inputs(workdir: Path, num_prompts: int) -> dict[str, str]:
@@ -49,7 +50,9 @@ def write_inputs(workdir: Path, num_prompts: int) -> dict[str, str]:
     return paths
 
 
-def run_ours(workdir: Path, updates: int, threads: int, seed: int) -> dict:
+def run_ours(
+    workdir: Path, updates: int, threads: int, seed: int, batch_size: int, mini_batches: int
+) -> dict:
     """Our PPOTrainer on the shared inputs in `workdir`, one `train(max_updates=1)` per timed update."""
     import torch
     from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
@@ -68,12 +71,12 @@ def run_ours(workdir: Path, updates: int, threads: int, seed: int) -> dict:
     critic, reward = (AutoModelForSequenceClassification.from_config(config) for _ in range(2))
     cfg = PPOConfig(
         reward_source="model",
-        batch_size=BATCH_SIZE,
+        batch_size=batch_size,
         response_length=RESPONSE_LENGTH,
         num_ppo_epochs=4,
-        num_mini_batches=4,
+        num_mini_batches=mini_batches,
         # one update more than timed: the trainer checkpoints after its last update, TRL's run (save "no") does not
-        total_episodes=(updates + 1) * BATCH_SIZE,
+        total_episodes=(updates + 1) * batch_size,
         save_every=0,
         samples_every=0,
         resume=False,
@@ -101,8 +104,8 @@ def run_ours(workdir: Path, updates: int, threads: int, seed: int) -> dict:
     return {
         "side": "ours (rlhf.ppo.trainer.PPOTrainer)",
         "updates": len(times),
-        "batch_size": BATCH_SIZE,
-        "episodes_per_s": BATCH_SIZE / s_per_update,
+        "batch_size": batch_size,
+        "episodes_per_s": batch_size / s_per_update,
         "s_per_update": s_per_update,
         "cpu_s_per_update": sum(steady_cpu) / len(steady_cpu),
         "total_s": sum(times),
@@ -126,8 +129,8 @@ def run_side(cmd: list[str]) -> dict:
 def table(results: dict[str, list[dict]]) -> str:
     """Markdown: median over repeats, the range of episodes/s, and the 1-min load average before each run."""
     rows = [
-        "| side | episodes/s | s/update | CPU s/update | peak RSS (MB) | runs (load before each) |",
-        "|---|---:|---:|---:|---:|---|",
+        "| side | threads | episodes/s | s/update | CPU s/update | peak RSS (MB) | runs (load before each) |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for side, runs in results.items():
         eps = [r["episodes_per_s"] for r in runs]
@@ -137,48 +140,78 @@ def table(results: dict[str, list[dict]]) -> str:
         rss = statistics.median(r["peak_rss_mb"] for r in runs)
         loads = ", ".join(f"{r['load_before']:.1f}" for r in runs)
         rows.append(
-            f"| {side} | {statistics.median(eps):.1f}{spread} | {s_per_update:.3f} | {cpu:.2f} | {rss:.0f} | {len(runs)} ({loads}) |"
+            f"| {side} | {runs[0]['threads']} | {statistics.median(eps):.1f}{spread} | {s_per_update:.3f} | {cpu:.2f} "
+            f"| {rss:.0f} | {len(runs)} ({loads}) |"
         )
     return "\n".join(rows)
+
+
+def best(results: dict[str, list[dict]], side: str) -> tuple[str, float]:
+    """The row of `side` (ours / trl) with the highest median episodes/s, and that median."""
+    medians = {
+        key: statistics.median(r["episodes_per_s"] for r in runs)
+        for key, runs in results.items()
+        if key.startswith(side)
+    }
+    key = max(medians, key=medians.get)
+    return key, medians[key]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--updates", type=int, default=8, help="PPO updates per run (the first is warm-up)")
-    p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="runs per side and thread count, alternating")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to try on each side")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--mini-batches", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the table's numbers and the ratio as json")
     # internal: run our side in this process, on the inputs in WORKDIR
     p.add_argument("--ours", metavar="WORKDIR", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.updates < 2:
         p.error("--updates must be >= 2: the first update is warm-up and is not timed")
     if a.ours:
-        print(json.dumps(run_ours(Path(a.ours), a.updates, a.threads, a.seed)))
+        [threads] = a.threads
+        print(json.dumps(run_ours(Path(a.ours), a.updates, threads, a.seed, a.batch_size, a.mini_batches)))
         return
     if not PEER_PYTHON.exists():
         sys.exit(f"no peer venv at {PEER_PYTHON.parent.parent}: run `bash benchmarks/setup_peer.sh` first")
 
-    results: dict[str, list[dict]] = {"ours": [], "trl 1.12.0 PPOTrainer": []}
+    results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="ppo_vs_trl_") as tmp:
-        paths = write_inputs(Path(tmp), num_prompts=BATCH_SIZE * a.updates)
-        common = ["--updates", str(a.updates), "--threads", str(a.threads), "--seed", str(a.seed)]
+        paths = write_inputs(Path(tmp), num_prompts=a.batch_size * a.updates)
+        shape = ["--updates", str(a.updates), "--seed", str(a.seed), "--batch-size", str(a.batch_size)]
+        shape += ["--mini-batches", str(a.mini_batches)]
         peer_cmd = [str(PEER_PYTHON), str(HERE / "trl112_ppo.py"), "--vocab", paths["vocab.json"]]
-        peer_cmd += ["--model-config", paths["config.json"], "--prompts", paths["prompts.jsonl"], *common]
-        ours_cmd = [sys.executable, __file__, "--ours", tmp, *common]
+        peer_cmd += ["--model-config", paths["config.json"], "--prompts", paths["prompts.jsonl"], *shape]
+        ours_cmd = [sys.executable, __file__, "--ours", tmp, *shape]
         for _ in range(a.repeats):
-            results["ours"].append(run_side(ours_cmd))
-            results["trl 1.12.0 PPOTrainer"].append(run_side(peer_cmd))
+            for threads in a.threads:
+                t = ["--threads", str(threads)]
+                results.setdefault(f"ours, {threads} thr", []).append(run_side(ours_cmd + t))
+                results.setdefault(f"trl 1.12.0 PPOTrainer, {threads} thr", []).append(run_side(peer_cmd + t))
 
     print(
-        f"PPO throughput on {ENV_ID}: batch {BATCH_SIZE}, {RESPONSE_LENGTH} response tokens, 4 epochs x 4 minibatches,"
+        f"PPO throughput on {ENV_ID}: batch {a.batch_size}, {RESPONSE_LENGTH} response tokens, "
+        f"4 epochs x {a.mini_batches} minibatches,"
     )
-    print(f"tiny Llama (float32), {a.threads} threads, {a.updates} updates per run (the first left out)\n")
+    print(f"tiny Llama (float32), {a.updates} updates per run (the first left out)\n")
     print(table(results))
-    phases = results["ours"][-1]["phases_s"]
-    print("\nours, one update (last run): " + ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
+    ours_key, ours = best(results, "ours")
+    trl_key, trl = best(results, "trl")
+    print(
+        f"\nours / TRL 1.12 PPOTrainer, each at its best thread count: {ours / trl:.2f}x ({ours_key} vs {trl_key})"
+    )
+    phases = results[ours_key][-1]["phases_s"]
+    print("ours, one update (last run): " + ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
     command = [os.path.relpath(sys.executable), "benchmarks/ppo_vs_trl.py", *sys.argv[1:]]
     print(f"\ncommand: {' '.join(command)}")
+    if a.json:
+        summary = {"ratio": ours / trl, "ours": ours, "trl": trl, "ours_best": ours_key, "trl_best": trl_key}
+        Path(a.json).write_text(
+            json.dumps({**summary, "batch_size": a.batch_size, "runs": results}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--prompts", required=True, help='jsonl of {"prompt": str}')
     p.add_argument("--updates", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--mini-batches", type=int, default=4)
     p.add_argument("--response-length", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -101,10 +102,10 @@ def main() -> None:
         disable_tqdm=True,
         logging_steps=1,
         seed=a.seed,
-        # One update = batch_size episodes; 4 epochs x 4 minibatches of batch_size/4 = 16 optimizer steps.
+        # One update = batch_size episodes; 4 epochs x mini_batches minibatches of batch_size/mini_batches.
         per_device_train_batch_size=a.batch_size,
         gradient_accumulation_steps=1,
-        num_mini_batches=4,
+        num_mini_batches=a.mini_batches,
         num_ppo_epochs=4,
         total_episodes=a.updates * a.batch_size,
         local_rollout_forward_batch_size=a.batch_size,
