@@ -168,3 +168,21 @@ def test_over_long_context_is_a_clear_error(tokenizer):
     s.start([[5] * 120])
     with pytest.raises(ValueError, match="max_position_embeddings 128"):
         s.sample(16)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_scoring_pass_equals_the_models_own_forward(tokenizer, name):
+    """`sequence_logprobs` (the lean engine for a Llama, chunked) equals log-softmax of the model's own logits."""
+    from rlhf.ppo.ops import logprobs_from_logits
+    from rlhf.ppo.rollout import left_pad, response_logits, sequence_logprobs
+
+    model = MODELS[name](tokenizer)
+    queries, mask_q = left_pad([[5, 6, 7], [8], [9, 5]], 0)
+    responses = torch.tensor([[4, 5, 6, 0], [7, 8, 0, 0], [9, 4, 5, 6]])
+    ids = torch.cat([queries, responses], 1)
+    mask = torch.cat([mask_q, (responses != 0).long()], 1)
+    got = sequence_logprobs(model, ids, mask, 3, temperature=0.7, batch_size=2)
+    with torch.no_grad():
+        expected = logprobs_from_logits(response_logits(model, ids, mask, 3), responses, 0.7)
+    real = responses != 0
+    torch.testing.assert_close(got[real], expected[real].float(), atol=1e-5, rtol=1e-5)
