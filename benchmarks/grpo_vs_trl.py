@@ -1,6 +1,6 @@
 """Group-baseline throughput, ours (`ppo.advantage=grpo`) against TRL 1.16's GRPOTrainer, in one run.
 
-    .venv/bin/python benchmarks/grpo_vs_trl.py [--updates 12] [--warmup 2] [--repeats 2] [--threads 1 2] [--json]
+    .venv/bin/python benchmarks/grpo_vs_trl.py [--updates 12] [--warmup 2] [--repeats 2] [--threads 1 2] [--json PATH]
 
 Both sides train the project's tiny Llama from one `save_pretrained` directory (fresh weights, the word-level
 tokenizer; `--model DIR` starts from another, e.g. an SFT output) on prompts from `rlhf/Review-v0` resets, the same
@@ -15,8 +15,7 @@ the end of the last update (ours: `train(max_updates=1)` calls; TRL: a TrainerCa
 gives the median over repeats per side and thread count, then each side's best and the ratio ours / TRL.
 
 Measure on an idle machine: another busy process slows either side several-fold; the 1-min load before each run is
-printed and tabled. --json ends with one JSON line {"ratio": ..., "ours": ..., "trl": ...} (each side's best) instead
-of the table.
+printed and tabled. --json PATH also writes {"ratio": ..., "ours": ..., "trl": ...} (each side's best).
 """
 
 from __future__ import annotations
@@ -148,11 +147,7 @@ def main() -> None:
         "--model", type=Path, help="start from this save_pretrained dir (default: fresh tiny weights)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help='end with one JSON line {"ratio", "ours", "trl"} instead of the table',
-    )
+    p.add_argument("--json", type=Path, help='also write {"ratio", "ours", "trl"} (each side\'s best) here')
     # internal: run one side in this process
     p.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -177,8 +172,7 @@ def main() -> None:
     text, best = table(results)
     ratio = best["ours"]["completions_per_s"] / best["trl"]["completions_per_s"]
     if a.json:
-        print(json.dumps({"ratio": round(ratio, 3), **{s: best[s] for s in SIDES}}))
-        return
+        a.json.write_text(json.dumps({"ratio": round(ratio, 3), **{s: best[s] for s in SIDES}}, indent=1))
     start = a.model or f"fresh tiny weights (seed {a.seed})"
     print(
         f"\nGroup-baseline throughput on {a.env}: {setup.num_prompts} prompts x {setup.num_generations} completions, "

@@ -183,9 +183,7 @@ def main() -> None:
         default=common.ROOT / "outputs" / "bench" / "time_to_quality",
         help="run dir of the SFT stage (reused when DIR/sft exists)",
     )
-    p.add_argument(
-        "--json", action="store_true", help="print only the medians and the ratios as one JSON line"
-    )
+    p.add_argument("--json", type=Path, help="also write the medians and the ratios here")
     # internal: run one side and seed in this process
     p.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -211,8 +209,9 @@ def main() -> None:
     ratios = {s: _ratio(medians[s], medians["trl"]) for s in medians if s != "trl" and "trl" in medians}
     if a.json:
         finite = {s: None if math.isinf(v) else round(v, 2) for s, v in medians.items()}
-        print(json.dumps({"target": a.target, "median_s": finite, "ratio_to_trl": ratios}))
-        return
+        a.json.write_text(
+            json.dumps({"target": a.target, "median_s": finite, "ratio_to_trl": ratios}, indent=1)
+        )
     print(
         f"\nTime to mean gold reward >= {a.target} (mean of the last {a.window} updates) on {ENV_ID}, from the SFT "
         f"checkpoint {model_dir}; 32 completions per update, lr {LEARNING_RATE}, {a.threads} thread(s), "

@@ -15,7 +15,9 @@ Layout under a stage directory::
 A kill at any moment leaves the previous `checkpoint-*` intact: the new one only becomes visible by an atomic
 directory rename after every file in it was fsynced. Loading verifies the manifest first, so a file truncated or
 changed later (a full disk, a copy cut short) refuses the checkpoint instead of resuming inexactly.
-`Accelerator.save_state` handles DDP, FSDP and DeepSpeed.
+`Accelerator.save_state` handles DDP, FSDP and DeepSpeed (under FSDP, with the plugin's state_dict_type: sharded
+`pytorch_model_fsdp_<i>/` and `optimizer_<i>/` directories, or whole files); `policy/` and `critic/` are always whole
+weights (under FSDP gathered onto the main process first, `rlhf.ppo.sharding.full_state_dict`).
 """
 
 from __future__ import annotations
@@ -141,11 +143,12 @@ def save_checkpoint(
     stage_dir: str | Path,
     update: int,
     meta: dict[str, Any],
-    pretrained: dict[str, tuple[Any, Any]],
+    pretrained: dict[str, tuple[Any, ...]],
 ) -> Path:
     """Write checkpoint-<update> atomically; every process must call this (each saves its RNG state).
 
-    pretrained: name -> (model, tokenizer or None), written with `save_pretrained` (main process only).
+    pretrained: name -> (model, tokenizer or None[, state_dict or None]), written with `save_pretrained` (main
+    process only); a state_dict given is saved instead of the model's own (FSDP: the gathered whole weights).
     Returns the final directory. Older checkpoints and leftovers of killed saves are removed afterwards.
     """
     root = checkpoint_root(stage_dir)
@@ -160,8 +163,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with _quiet():
-            for name, (model, tokenizer) in pretrained.items():
-                model.save_pretrained(tmp / name)
+            for name, (model, tokenizer, *state) in pretrained.items():
+                model.save_pretrained(tmp / name, state_dict=state[0] if state else None)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp / name)
         (tmp / META).write_text(json.dumps({**meta, "update": update}, indent=1))

@@ -91,7 +91,9 @@ def _stacked(*modules: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm's arithmetic: normalise in float32, scale in the input dtype."""
+    """LlamaRMSNorm's arithmetic: normalise in float32, scale in the input dtype (one fused op in float32)."""
+    if x.dtype == weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)

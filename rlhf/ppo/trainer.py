@@ -22,6 +22,7 @@ update recomputes, so the first PPO ratio is exactly 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from typing import Any
 import gymnasium
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 
 from rlhf.console import ppo_line, progress
@@ -51,13 +52,20 @@ from rlhf.ppo.checkpoint import (
 from rlhf.ppo.kl import kl_penalty, make_kl_controller
 from rlhf.ppo.losses import kl_loss, policy_loss, value_loss
 from rlhf.ppo.ops import (
-    entropy_from_logits,
     last_true_index,
-    logprobs_from_logits,
     masked_mean,
     masked_whiten,
 )
-from rlhf.ppo.rollout import EnvFailure, Rollout, position_ids, response_logits, rollout, sequence_logprobs
+from rlhf.ppo.rollout import (
+    EnvFailure,
+    Rollout,
+    output_head,
+    position_ids,
+    response_logprobs,
+    rollout,
+    sequence_logprobs,
+)
+from rlhf.ppo.sharding import full_state_dict, gathered
 from rlhf.reward_scoring import RewardScorer
 from rlhf.rewards import Component, Episodes, build_rubric, component_values, describe, needs_reward_model
 from rlhf.rewards import token_scores as rubric_token_scores
@@ -187,12 +195,7 @@ class PPOTrainer:
         device = acc.device
         policy.eval()
         self._upcast_trainable(policy, "policy")
-        policy_opt = torch.optim.AdamW(
-            [p for p in policy.parameters() if p.requires_grad],
-            lr=cfg.learning_rate,
-            eps=1e-5,
-            weight_decay=cfg.weight_decay,
-        )
+        policy_opt = self._adamw(policy, cfg.learning_rate)
         self.policy_sched = torch.optim.lr_scheduler.LambdaLR(policy_opt, self._lr_lambda)
         self.policy, self.policy_opt = acc.prepare(policy, policy_opt)
         self.value_model = self.critic_opt = self.critic_sched = None
@@ -201,15 +204,15 @@ class PPOTrainer:
             self._upcast_trainable(critic, "critic")
             value_model = ValueHead(critic)
             lr = cfg.critic_learning_rate or cfg.learning_rate
-            critic_opt = torch.optim.AdamW(
-                [p for p in value_model.parameters() if p.requires_grad],
-                lr=lr,
-                eps=1e-5,
-                weight_decay=cfg.weight_decay,
-            )
+            critic_opt = self._adamw(value_model, lr)
             self.critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, self._lr_lambda)
             self.value_model, self.critic_opt = acc.prepare(value_model, critic_opt)
         self.critic = critic if self.value_model is not None else None
+        # the policy's LM head, applied a chunk of tokens at a time in the update (`rollout.response_logprobs`);
+        # None scores from full logits: FSDP shards the head's weight outside the forward
+        self.policy_head = (
+            None if acc.distributed_type == DistributedType.FSDP else output_head(self.unwrapped_policy)
+        )
         self.ref_policy = self._freeze(ref_policy, device)
         self.reward_scorer = None
         if reward_model is not None:
@@ -250,6 +253,22 @@ class PPOTrainer:
                 "float16 mixed precision (model.dtype=float16) scales the loss for one optimizer at a time and "
                 "would mis-scale the critic's; use model.dtype=bfloat16 or float32, or ppo.advantage=grpo|rloo"
             )
+
+    def _adamw(self, model: nn.Module, lr: float) -> torch.optim.AdamW:
+        """AdamW over the trainable parameters; the fused kernel (one op per step, not ~10 per tensor) on CPU/CUDA."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params) or None
+        return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=self.cfg.weight_decay, fused=fused)
+
+    def _no_sync(self) -> contextlib.AbstractContextManager:
+        """Gradients accumulate locally (no all-reduce) in this backward: every micro-batch of a minibatch but the
+        last."""
+        stack = contextlib.ExitStack()
+        if self.acc.num_processes > 1:
+            for model in (self.policy, self.value_model):
+                if model is not None:
+                    stack.enter_context(self.acc.no_sync(model))
+        return stack
 
     def _lr_lambda(self, update: int) -> float:
         """Linear decay to 0 over the run, stepped once per update."""
@@ -408,15 +427,17 @@ class PPOTrainer:
         first = self.episodes + self.acc.process_index * self.local_batch_size
         prompt_index = [(first + j) // self.group_size for j in range(self.local_batch_size)]
         seeds = [train_episode_seed(self.seed, i) for i in prompt_index]
-        return rollout(
-            self.unwrapped_policy,
-            self.tokenizer,
-            self.envs,
-            seeds,
-            response_length=self.cfg.response_length,
-            temperature=self.cfg.temperature,
-            stop_token_id=self.stop_token_id,
-        )
+        # FSDP: the whole weights, gathered once (no collective per generated token)
+        with gathered(self.acc, self.policy) as policy:
+            return rollout(
+                policy,
+                self.tokenizer,
+                self.envs,
+                seeds,
+                response_length=self.cfg.response_length,
+                temperature=self.cfg.temperature,
+                stop_token_id=self.stop_token_id,
+            )
 
     # ------------------------------------------------------------------ 2. score
     @torch.no_grad()
@@ -458,12 +479,11 @@ class PPOTrainer:
     @torch.no_grad()
     def _ref_logprobs(self, ro: Rollout) -> torch.Tensor:
         """Log-probabilities under the frozen reference; with LoRA, the policy with its adapters disabled."""
-        ref = self.ref_policy
-        context = nullcontext()
-        if ref is None:
-            ref = self.unwrapped_policy
-            context = ref.disable_adapter()
-        with context:
+        lora = self.ref_policy is None  # the reference: the policy (FSDP: gathered whole), adapters disabled
+        with (
+            gathered(self.acc, self.policy) if lora else nullcontext(self.ref_policy) as ref,
+            ref.disable_adapter() if lora else nullcontext(),
+        ):
             logprobs = sequence_logprobs(
                 ref,
                 ro.query_responses,
@@ -479,11 +499,11 @@ class PPOTrainer:
         """V(s_t) for each response token t: the critic's output at the position that predicts it. (B, R)."""
         if self.value_model is None:
             return torch.zeros_like(ro.logprobs)
-        critic = self.acc.unwrap_model(self.value_model)
         parts, n = [], self.cfg.forward_batch_size
-        for i in range(0, len(ro), n):
-            v = critic(ro.query_responses[i : i + n], ro.attention_mask[i : i + n])  # (b, Q + R)
-            parts.append(v[:, ro.context_length - 1 : -1])
+        with gathered(self.acc, self.value_model) as critic:  # FSDP: whole weights
+            for i in range(0, len(ro), n):
+                v = critic(ro.query_responses[i : i + n], ro.attention_mask[i : i + n])  # (b, Q + R)
+                parts.append(v[:, ro.context_length - 1 : -1])
         return torch.cat(parts).masked_fill(~ro.action_mask, 0.0)
 
     # ------------------------------------------------------------------ 5. advantages
@@ -545,17 +565,60 @@ class PPOTrainer:
         old_values: torch.Tensor,
         ref_logprobs: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """One gradient step of the policy (and critic) on the episodes `idx`; tensors (b, R). Returns its stats."""
+        """One gradient step of the policy (and critic) on the episodes `idx`; tensors (b, R). Returns its stats.
+
+        With ppo.micro_batch_size the minibatch's forward/backward runs a micro-batch at a time, each loss weighted
+        by its share of the minibatch's action tokens, so the accumulated gradient (and every stat) is the whole
+        minibatch's masked mean: the same step in bounded memory.
+        """
+        cfg = self.cfg
+        mask = ro.action_mask[idx]  # (b, R)
+        total = mask.sum().clamp(min=1)
+        size = cfg.micro_batch_size or len(idx)
+        starts = list(range(0, len(idx), size))
+        stats: dict[str, torch.Tensor] = {}
+        for k, start in enumerate(starts):
+            part = slice(start, start + size)
+            weight = mask[part].sum() / total
+            # gradients are all-reduced once, in the minibatch's last backward
+            with nullcontext() if k == len(starts) - 1 else self._no_sync():
+                loss, out = self._micro_loss(
+                    ro, idx[part], advantages[part], returns[part], old_values[part], ref_logprobs[part]
+                )
+                # every process checks before the backward's gradient all-reduce, so a NaN on one stops all of them
+                self._check_finite("loss", loss, "lower ppo.learning_rate or check rewards")
+                self.acc.backward(loss * weight)
+            for name, value in out.items():
+                stats[name] = stats.get(name, 0.0) + value * weight
+        self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        self.policy_opt.step()
+        self.policy_opt.zero_grad(set_to_none=True)
+        if self.value_model is not None:
+            self.acc.clip_grad_norm_(self.value_model.parameters(), cfg.max_grad_norm)
+            self.critic_opt.step()
+            self.critic_opt.zero_grad(set_to_none=True)
+        return stats
+
+    def _micro_loss(
+        self,
+        ro: Rollout,
+        idx: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        old_values: torch.Tensor,
+        ref_logprobs: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The PPO loss of the episodes `idx` (masked means over their action tokens) and its detached stats."""
         cfg = self.cfg
         Q = ro.context_length
         query_responses, attention_mask = ro.query_responses[idx], ro.attention_mask[idx]
         mask = ro.action_mask[idx]  # (b, R)
         with self.acc.autocast():  # low-precision forward under mixed precision; float32 weights
-            logits = response_logits(self.policy, query_responses, attention_mask, Q)  # (b, R, V)
-        logprobs = logprobs_from_logits(logits, query_responses[:, Q:], cfg.temperature)  # (b, R) float32
+            logprobs, entropy = response_logprobs(
+                self.policy, query_responses, attention_mask, Q, cfg.temperature, self.policy_head
+            )  # (b, R), (b, R) float32
         pg_loss, pg_stats = policy_loss(logprobs, ro.logprobs[idx], advantages, mask, cfg.cliprange)
-        entropy = entropy_from_logits(logits if cfg.ent_coef else logits.detach(), cfg.temperature)  # (b, R)
-        entropy_avg = masked_mean(entropy, mask)
+        entropy_avg = masked_mean(entropy if cfg.ent_coef else entropy.detach(), mask)
         loss = pg_loss - cfg.ent_coef * entropy_avg if cfg.ent_coef else pg_loss
         out = {
             "loss/policy_avg": pg_loss.detach(),
@@ -574,17 +637,7 @@ class PPOTrainer:
             vf_loss, vf_stats = value_loss(vpred, old_values, returns, mask, cfg.cliprange_value)
             loss = loss + cfg.vf_coef * vf_loss
             out.update({"loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_stats["clipfrac"]})
-        # every process checks before the backward's gradient all-reduce, so a NaN on one stops all of them
-        self._check_finite("loss", loss, "lower ppo.learning_rate or check rewards")
-        self.acc.backward(loss)
-        self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-        self.policy_opt.step()
-        self.policy_opt.zero_grad(set_to_none=True)
-        if self.value_model is not None:
-            self.acc.clip_grad_norm_(self.value_model.parameters(), cfg.max_grad_norm)
-            self.critic_opt.step()
-            self.critic_opt.zero_grad(set_to_none=True)
-        return out
+        return loss, out
 
     # ------------------------------------------------------------------ metrics, logging, checkpoints
     def _mean(self, x: torch.Tensor) -> float:
@@ -644,9 +697,13 @@ class PPOTrainer:
     def save(self) -> Path:
         """Write an atomic checkpoint of everything needed to continue exactly (all processes call this)."""
         critic = self.unwrapped_critic
-        pretrained = {"policy": (self.unwrapped_policy, self.tokenizer)}
+        # FSDP: the whole weights gathered onto the main process (every process takes part); None: the model's own
+        policy_state = full_state_dict(self.acc, self.policy)
+        pretrained = {"policy": (self.unwrapped_policy, self.tokenizer, policy_state)}
         if critic is not None:
-            pretrained["critic"] = (critic, self.tokenizer)
+            state = full_state_dict(self.acc, self.value_model)  # ValueHead's keys: "model." + the critic's
+            state = None if state is None else {k.removeprefix("model."): v for k, v in state.items()}
+            pretrained["critic"] = (critic, self.tokenizer, state)
         meta = {
             "episodes": self.episodes,
             "num_updates": self.num_updates,
