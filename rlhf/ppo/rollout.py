@@ -203,16 +203,17 @@ def sequence_logprobs(
     head = output_head(model)
     Q = context_length
     parts = []
-    for i in range(0, query_responses.shape[0], batch_size):
-        qr, mask = query_responses[i : i + batch_size], attention_mask[i : i + batch_size]
-        if engine is None:
-            parts.append(response_logprobs(model, qr, mask, Q, temperature, head)[0].float())
-            continue
-        engine.reset()
-        hidden = engine.hidden_states(qr, position_ids(mask), mask)[:, Q - 1 : -1]  # (b, R, H)
-        weight, bias = engine.head
-        parts.append(fused_logprobs_entropy(hidden, weight, qr[:, Q:], temperature, bias=bias)[0].float())
-    return torch.cat(parts)
+    with torch.inference_mode():  # cheaper per op than no_grad; the concatenation below leaves it
+        for i in range(0, query_responses.shape[0], batch_size):
+            qr, mask = query_responses[i : i + batch_size], attention_mask[i : i + batch_size]
+            if engine is None:
+                parts.append(response_logprobs(model, qr, mask, Q, temperature, head)[0].float())
+                continue
+            engine.reset()
+            hidden = engine.hidden_states(qr, position_ids(mask), mask)[:, Q - 1 : -1]  # (b, R, H)
+            weight, bias = engine.head
+            parts.append(fused_logprobs_entropy(hidden, weight, qr[:, Q:], temperature, bias=bias)[0].float())
+    return torch.cat(parts)  # a normal tensor (outside inference mode): the update may use it with autograd
 
 
 @dataclass

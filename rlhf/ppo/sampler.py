@@ -24,6 +24,8 @@ import torch
 
 from rlhf.ppo.decoder import make_decoder
 
+# Every method runs under torch.inference_mode (cheaper per op than no_grad); only Python lists leave the sampler.
+
 
 class KVSampler:
     """Sample replies for a batch of episodes, turn after turn, with one growing KV cache.
@@ -61,7 +63,7 @@ class KVSampler:
         return self.lengths.numel()
 
     # ------------------------------------------------------------------ context
-    @torch.no_grad()
+    @torch.inference_mode()
     def start(self, contexts: list[list[int]]) -> None:
         """Prefill one row per context; identical contexts (a group's shared prompt) are computed once."""
         if not contexts or any(not c for c in contexts):
@@ -78,7 +80,7 @@ class KVSampler:
         self.pending = torch.full((len(contexts),), self.pad_token_id, dtype=torch.long, device=self.device)
         self.has_pending = torch.zeros(len(contexts), dtype=torch.bool, device=self.device)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def extend(self, tokens: list[list[int]]) -> None:
         """Append each row's new tokens (an environment message) after its last reply; one list per row."""
         if len(tokens) != len(self):
@@ -90,6 +92,7 @@ class KVSampler:
         if any(blocks):
             self._feed(blocks)  # a row with nothing new keeps its next-token logits
 
+    @torch.inference_mode()
     def keep(self, rows: torch.Tensor | list[int]) -> None:
         """Keep only these rows (indices into the current rows, repeats allowed), in this order."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
@@ -101,7 +104,7 @@ class KVSampler:
             self.pending, self.has_pending = self.pending[index], self.has_pending[index]
 
     # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(self, max_new_tokens: int) -> tuple[list[list[int]], list[list[float]]]:
         """One reply per row: up to `max_new_tokens` sampled tokens, the stop token included.
 
