@@ -217,10 +217,6 @@ class LlamaDecoder:
         self.length = end
         return _rms_norm(h, *self.norm)
 
-    def reset(self) -> None:
-        """Forget every cached token (the weights stay): the engine can run a new batch."""
-        self.keys, self.values, self.length = [], [], 0
-
     def select(self, index: torch.Tensor) -> None:
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]

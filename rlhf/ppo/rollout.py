@@ -29,7 +29,6 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.formatting import ChatFormat
-from rlhf.ppo.decoder import LlamaDecoder
 from rlhf.ppo.ops import entropy_from_logits, fused_logprobs_entropy, logprobs_from_logits
 from rlhf.ppo.sampler import KVSampler
 
@@ -193,26 +192,14 @@ def sequence_logprobs(
     temperature: float = 1.0,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """Log-probabilities of the response tokens, (B, Q + R) -> (B, R) float32, computed in chunks of `batch_size`,
-    never materialising the logits where the model allows. A Llama runs on the sampler's lean engine
-    (`rlhf.ppo.decoder.LlamaDecoder`), any other model through its own forward (`response_logprobs`)."""
-    try:
-        engine = LlamaDecoder(model)
-    except NotImplementedError:
-        engine = None
+    """Log-probabilities of the response tokens, (B, Q + R) -> (B, R) float32, computed in chunks of `batch_size`
+    (and, where the model allows, without materialising the logits: `response_logprobs`)."""
     head = output_head(model)
-    Q = context_length
     parts = []
     with torch.inference_mode():  # cheaper per op than no_grad; the concatenation below leaves it
         for i in range(0, query_responses.shape[0], batch_size):
             qr, mask = query_responses[i : i + batch_size], attention_mask[i : i + batch_size]
-            if engine is None:
-                parts.append(response_logprobs(model, qr, mask, Q, temperature, head)[0].float())
-                continue
-            engine.reset()
-            hidden = engine.hidden_states(qr, position_ids(mask), mask)[:, Q - 1 : -1]  # (b, R, H)
-            weight, bias = engine.head
-            parts.append(fused_logprobs_entropy(hidden, weight, qr[:, Q:], temperature, bias=bias)[0].float())
+            parts.append(response_logprobs(model, qr, mask, context_length, temperature, head)[0].float())
     return torch.cat(parts)  # a normal tensor (outside inference mode): the update may use it with autograd
 
 

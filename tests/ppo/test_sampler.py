@@ -172,7 +172,8 @@ def test_over_long_context_is_a_clear_error(tokenizer):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_scoring_pass_equals_the_models_own_forward(tokenizer, name):
-    """`sequence_logprobs` (the lean engine for a Llama, chunked) equals log-softmax of the model's own logits."""
+    """`sequence_logprobs` (chunked, the LM head applied to the last hidden states) equals log-softmax of the
+    model's own logits."""
     from rlhf.ppo.ops import logprobs_from_logits
     from rlhf.ppo.rollout import left_pad, response_logits, sequence_logprobs
 
