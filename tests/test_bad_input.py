@@ -18,21 +18,9 @@ from rlhf.cli import compose
 from rlhf.pipeline import InputError, run
 from rlhf.run_lock import LOCK_FILE, hold_run_dir
 from rlhf.stages import Stage
+from tests.conftest import TINY
 
-TINY = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_heads=2",
-    "task.num_demonstrations=32",
-    "task.num_preferences=32",
-    "task.eval_fraction=0.25",
-    "sft.num_train_epochs=1",
-    "reward.num_train_epochs=1",
-    "sft.per_device_train_batch_size=16",
-    "reward.per_device_train_batch_size=16",
-    "logger=none",
-]
-FINISHED = [*TINY, "stages=[sft,reward]"]
+FINISHED = [*TINY, "logger=none", "stages=[sft,reward]"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -174,7 +162,7 @@ CATALOGUE: list[tuple[list[str], str]] = [
     (["stages=[reward]", "seed=1"], "reward reads the sft stage's output"),
     (["stages=[ppo]", "reward.learning_rate=0.01"], "(reward.learning_rate 0.0005 -> 0.01)"),
     (["stages=[evaluate]", "model.hidden_size=48"], "evaluate reads the sft stage's output"),
-    (["stages=[ppo,evaluate]", "task.num_demonstrations=16"], "(task.num_demonstrations 32 -> 16)"),
+    (["stages=[ppo,evaluate]", "task.num_demonstrations=16"], "(task.num_demonstrations 48 -> 16)"),
 ]
 
 

@@ -20,25 +20,13 @@ from rlhf.cli import compose
 from rlhf.formatting import ChatFormat
 from rlhf.models import load_tokenizer
 from rlhf.pipeline import run
+from tests.conftest import TINY_CHAIN
 
 BPE = [
+    *TINY_CHAIN,
     "model.tokenizer=bpe",
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_heads=2",
     "model.max_position_embeddings=512",
-    "task.num_demonstrations=64",
-    "task.num_preferences=64",
-    "task.eval_fraction=0.25",
-    "sft.num_train_epochs=1",
-    "reward.num_train_epochs=1",
-    "sft.per_device_train_batch_size=16",
-    "reward.per_device_train_batch_size=16",
-    "ppo.batch_size=16",
-    "ppo.num_mini_batches=2",
-    "ppo.num_ppo_epochs=1",
     "ppo.save_every=1",
-    "evaluate.num_prompts=16",
     "evaluate.batch_size=16",
     "logger=none",
 ]
@@ -47,8 +35,8 @@ BPE = [
 @pytest.mark.parametrize(
     ("task", "extra"),
     [
-        ("review", ["ppo.total_episodes=32", "ppo.response_length=8"]),
-        ("guess", ["experiment=guess", "ppo.total_episodes=32", "ppo.response_length=4"]),
+        ("review", ["ppo.response_length=8"]),
+        ("guess", ["experiment=guess"]),  # replies of 4 tokens, as TINY_CHAIN sets
     ],
 )
 def test_whole_chain_on_a_bpe_tokenizer(tmp_path, task, extra):

@@ -12,24 +12,15 @@ from pathlib import Path
 import pytest
 
 from rlhf.wandb_offline import find_offline_runs, history_values, read_offline_run
+from tests.conftest import TINY, TINY_CHAIN
 
 RLHF = str(Path(sys.executable).with_name("rlhf"))
-TINY = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_heads=2",
-    "task.num_demonstrations=48",
-    "task.num_preferences=48",
-    "task.eval_fraction=0.25",
-    "sft.num_train_epochs=1",
-    "reward.num_train_epochs=1",
-    "sft.per_device_train_batch_size=16",
-    "reward.per_device_train_batch_size=16",
-]
 
 
-def rlhf(*args: str, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+def rlhf(
+    *args: str, cwd: Path, check: bool = True, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
     proc = subprocess.run([RLHF, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"rlhf {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -69,19 +60,6 @@ def test_bad_input_is_one_clear_line(tmp_path, args, needle):
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "sft").exists()
-
-
-def test_run_writes_summary_and_wandb_runs(tmp_path):
-    rlhf("stages=[sft,reward]", "hydra.run.dir=out", *TINY, cwd=tmp_path)
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert list(summary["stages"]) == ["sft", "reward"]
-    assert "eval/accuracy" in summary["stages"]["reward"]["metrics"]
-    runs = [read_offline_run(d) for d in find_offline_runs(tmp_path / "out")]
-    assert sorted(r["run"]["job_type"] for r in runs) == ["reward", "sft"]
-    assert {r["run"]["group"] for r in runs} == {"out"}
-    assert (tmp_path / "out" / "rlhf.log").read_text().count(
-        "[sft] step"
-    ) >= 3  # console line per logged step
 
 
 def _check_sweep(sweep: Path) -> None:
@@ -134,32 +112,30 @@ def test_default_run_meets_the_product_targets(tmp_path):
     assert len(history_values(runs["ppo"], "objective/kl")) == 64
 
 
-def test_the_readme_environment_trains_from_the_users_own_package(tmp_path):
+def test_the_readme_environment_trains_from_the_users_own_package_into_summary_and_wandb_runs(tmp_path):
     """The README's "Write your own reward environment" example, copied into a package outside this repository,
-    runs through every stage selected as `task.env_id=my_pkg.echo:Echo-v0`."""
+    runs through every stage selected as `task.env_id=my_pkg.echo:Echo-v0`; the run writes summary.json, one
+    offline W&B run per stage in the run's group, and the console lines to rlhf.log."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     start = readme.index('"""my_pkg/echo.py')
     (tmp_path / "my_pkg").mkdir()
     (tmp_path / "my_pkg" / "__init__.py").write_text("")
     (tmp_path / "my_pkg" / "echo.py").write_text(readme[start : readme.index("```", start)])
-    small_ppo = [
-        "ppo.total_episodes=32",
-        "ppo.batch_size=16",
-        "ppo.num_mini_batches=2",
-        "ppo.response_length=4",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    proc = subprocess.run(
-        [RLHF, "task.env_id=my_pkg.echo:Echo-v0", "ppo.reward_source=env", "logger=none", "hydra.run.dir=out"]
-        + [*TINY, *small_ppo, "evaluate.num_prompts=32"],
+    rlhf(
+        "task.env_id=my_pkg.echo:Echo-v0",
+        "ppo.reward_source=env",
+        "hydra.run.dir=out",
+        *TINY_CHAIN,
         cwd=tmp_path,
-        env={**env, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+        env={"PYTHONPATH": str(tmp_path)},
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["stages"]
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())["stages"]
     assert list(summary) == ["sft", "reward", "ppo", "evaluate"]
     assert 0.0 <= summary["evaluate"]["metrics"]["ppo/gold_reward"] <= 1.0
     assert summary["ppo"]["metrics"]["updates"] == 2
+    assert "eval/accuracy" in summary["reward"]["metrics"]
+    runs = [read_offline_run(d) for d in find_offline_runs(out)]
+    assert sorted(r["run"]["job_type"] for r in runs) == ["evaluate", "ppo", "reward", "sft"]
+    assert {r["run"]["group"] for r in runs} == {"out"}
+    assert (out / "rlhf.log").read_text().count("[sft] step") >= 3  # console line per logged step

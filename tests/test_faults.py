@@ -17,11 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf.wandb_offline import find_offline_runs, read_offline_run
+from tests.conftest import TINY_MODEL
 
 ARGS = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_heads=2",
+    *TINY_MODEL,
     "task.num_demonstrations=64",
     "task.num_preferences=64",
     "task.eval_fraction=0.25",

@@ -19,18 +19,17 @@ from rlhf.models import (
     torch_dtype,
 )
 from rlhf.tokenizer import build_tokenizer
-
-TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2"]
+from tests.conftest import TINY_MODEL
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    cfg = compose(TINY)
+    cfg = compose(TINY_MODEL)
     return prepare_base_model(cfg, tmp_path_factory.mktemp("base"))
 
 
 def test_tiny_model_matches_tokenizer():
-    cfg = compose(TINY)
+    cfg = compose(TINY_MODEL)
     tok = build_tokenizer(["a", "b", "c"])
     model = build_tiny_model(cfg.model, tok)
     assert model.config.vocab_size == len(tok) == 7  # 3 special tokens, 3 words, then <reply>
@@ -47,7 +46,7 @@ def test_prepare_base_model_saves_a_loadable_tiny_model(base_dir):
     assert model.get_input_embeddings().num_embeddings == len(tok)
     assert "review" in tok.get_vocab()  # the task's vocabulary
     mtime = (base_dir / "model.safetensors").stat().st_mtime
-    assert prepare_base_model(compose(TINY), base_dir) == base_dir  # reused, not rebuilt
+    assert prepare_base_model(compose(TINY_MODEL), base_dir) == base_dir  # reused, not rebuilt
     assert (base_dir / "model.safetensors").stat().st_mtime == mtime
 
 
@@ -63,7 +62,7 @@ def test_hf_model_from_local_directory(base_dir):
 
 
 def test_lora_trains_only_adapters_and_merges_back(base_dir):
-    cfg = compose([*TINY, "model.lora.r=4"])
+    cfg = compose([*TINY_MODEL, "model.lora.r=4"])
     model = load_causal_lm(base_dir, lora=cfg.model.lora)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)

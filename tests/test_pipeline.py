@@ -11,22 +11,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf.cli import compose
 from rlhf.pipeline import InputError, derive_seed, run
 from rlhf.wandb_offline import find_offline_runs, history_values, read_offline_run
+from tests.conftest import TINY, TINY_PPO
 
-TINY = [
-    "stages=[sft,reward]",
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_heads=2",
-    "task.num_demonstrations=64",
-    "task.num_preferences=64",
-    "task.eval_fraction=0.25",
-    "sft.num_train_epochs=1",
-    "reward.num_train_epochs=1",
-    "sft.per_device_train_batch_size=16",
-    "reward.per_device_train_batch_size=16",
-    "sft.logging_steps=1",
-    "reward.logging_steps=1",
-]
+RUN = ["stages=[sft,reward]", *TINY, "sft.logging_steps=1", "reward.logging_steps=1"]
+"""SFT then the reward model, a W&B row per optimizer step."""
 
 
 def test_derive_seed_is_stable_and_distinct():
@@ -36,7 +24,7 @@ def test_derive_seed_is_stable_and_distinct():
 
 
 def test_sft_then_reward_with_wandb(tmp_path):
-    summary = run(compose([*TINY, "logger.project=pipe"]), run_dir=tmp_path / "run", group="grp")
+    summary = run(compose([*RUN, "logger.project=pipe"]), run_dir=tmp_path / "run", group="grp")
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk == summary
     stages = summary["stages"]
@@ -56,7 +44,7 @@ def test_sft_then_reward_with_wandb(tmp_path):
     for name, r in runs.items():
         assert r["run"]["group"] == "grp" and r["run"]["project"] == "pipe"
         assert r["run"]["id"] == stages[name]["wandb_run"]
-        assert r["config"]["stages"] == ["sft", "reward"] and r["config"]["task"]["num_preferences"] == 64
+        assert r["config"]["stages"] == ["sft", "reward"] and r["config"]["task"]["num_preferences"] == 48
         assert {
             "name": f"{name}-{r['run']['id']}",
             "type": {"sft": "model", "reward": "reward_model"}[name],
@@ -75,21 +63,21 @@ def test_bad_input_fails_before_work(tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
     with pytest.raises(InputError, match="cannot write to run directory"):
-        run(compose([*TINY, "logger=none"]), run_dir=not_a_dir / "run")
+        run(compose([*RUN, "logger=none"]), run_dir=not_a_dir / "run")
     with pytest.raises(InputError, match="sft.dataset=.*: no such file"):
-        run(compose([*TINY, f"sft.dataset={tmp_path / 'missing.jsonl'}"]), run_dir=tmp_path / "a")
+        run(compose([*RUN, f"sft.dataset={tmp_path / 'missing.jsonl'}"]), run_dir=tmp_path / "a")
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text(json.dumps({"prompt": "p", "answer": "a"}) + "\n")
     with pytest.raises(InputError, match="missing chosen, rejected"):
-        run(compose([*TINY, f"reward.dataset={prefs}"]), run_dir=tmp_path / "b")
+        run(compose([*RUN, f"reward.dataset={prefs}"]), run_dir=tmp_path / "b")
     with pytest.raises(InputError, match="holds no model"):
-        run(compose([*TINY, "model=hf", f"model.name_or_path={tmp_path}"]), run_dir=tmp_path / "c")
+        run(compose([*RUN, "model=hf", f"model.name_or_path={tmp_path}"]), run_dir=tmp_path / "c")
     assert not any((tmp_path / d).exists() for d in ("a", "b", "c"))  # nothing built, nothing trained
 
 
 def test_a_later_invocation_reuses_finished_stages(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="rlhf")
-    base = [o for o in TINY if not o.startswith("stages=")] + ["logger=none"]
+    base = [o for o in RUN if not o.startswith("stages=")] + ["logger=none"]
     first = run(compose([*base, "stages=[sft]"]), run_dir=tmp_path)
     second = run(compose([*base, "stages=[reward]"]), run_dir=tmp_path)
     assert list(second["stages"]) == ["sft", "reward"]
@@ -100,7 +88,7 @@ def test_a_later_invocation_reuses_finished_stages(tmp_path, caplog):
 def test_a_changed_config_reruns_stale_stages_and_never_reuses_them(tmp_path, caplog):
     """Stage keys: the base model and a finished stage are reused only for the config that made them."""
     caplog.set_level(logging.INFO, logger="rlhf")
-    base = [o for o in TINY if not o.startswith("stages=")] + ["logger=none"]
+    base = [o for o in RUN if not o.startswith("stages=")] + ["logger=none"]
     first = run(compose([*base, "stages=[sft]"]), run_dir=tmp_path)
     assert first["base"]["key"] and first["stages"]["sft"]["key"]
     wider = [*base, "model.hidden_size=48", "stages=[sft,reward]"]
@@ -124,8 +112,7 @@ def test_a_killed_ppo_stage_resumes_its_wandb_run_with_every_update_once(tmp_pat
     1-2 from history.jsonl under their own steps and logs 3-4, so the run's history holds each update once."""
     from rlhf.ppo.trainer import PPOTrainer
 
-    ppo = ["ppo.batch_size=16", "ppo.num_mini_batches=2", "ppo.num_ppo_epochs=1", "ppo.response_length=4"]
-    cfg = compose([*TINY, "stages=[sft,reward,ppo]", *ppo, "ppo.save_every=1", "ppo.total_episodes=64"])
+    cfg = compose([*RUN, "stages=[sft,reward,ppo]", *TINY_PPO, "ppo.save_every=1", "ppo.total_episodes=64"])
     run_dir = tmp_path / "run"
     step, calls = PPOTrainer.step, []
 

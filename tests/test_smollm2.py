@@ -20,20 +20,20 @@ SMOLLM2 = Path("models/SmolLM2-135M-Instruct")
 FEW_STEPS = [
     "model=smollm2",
     "logger=none",
-    "task.num_demonstrations=12",
-    "task.num_preferences=12",
+    "task.num_demonstrations=8",  # 6 train / 2 eval rows: one optimizer step each for SFT and the reward model
+    "task.num_preferences=8",
     "task.eval_fraction=0.25",
     "sft.num_train_epochs=1",
     "reward.num_train_epochs=1",
-    "sft.per_device_train_batch_size=4",
-    "reward.per_device_train_batch_size=4",
-    "ppo.total_episodes=8",
+    "sft.per_device_train_batch_size=8",
+    "reward.per_device_train_batch_size=8",
+    "ppo.total_episodes=4",  # one PPO update: one prompt, 4 samples (RLOO); it must move every adapted weight
     "ppo.batch_size=4",
     "ppo.num_mini_batches=1",
     "ppo.num_ppo_epochs=1",
-    "ppo.response_length=8",
-    "evaluate.num_prompts=4",
-    "evaluate.batch_size=4",
+    "ppo.response_length=4",  # also the reply length in evaluation: each new token is a forward of 30 layers
+    "evaluate.num_prompts=2",
+    "evaluate.batch_size=2",
 ]
 
 

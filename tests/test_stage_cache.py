@@ -13,25 +13,10 @@ import pytest
 from rlhf.cli import compose, objective_value
 from rlhf.pipeline import run
 from rlhf.stage_cache import ENTRY, StageCache
+from tests.conftest import TINY_CHAIN
 
-TINY = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_heads=2",
-    "task.num_demonstrations=48",
-    "task.num_preferences=48",
-    "task.eval_fraction=0.25",
-    "sft.num_train_epochs=1",
-    "reward.num_train_epochs=1",
-    "sft.per_device_train_batch_size=16",
-    "reward.per_device_train_batch_size=16",
-    "ppo.batch_size=16",
-    "ppo.num_mini_batches=2",
-    "ppo.num_ppo_epochs=1",
-    "ppo.response_length=4",
-    "ppo.total_episodes=32",
-    "logger=none",
-]
+CHAIN = [*TINY_CHAIN, "logger=none"]
+"""The tiny chain without W&B; each test selects its stages."""
 
 
 def _output(tmp_path, name="stage"):
@@ -105,11 +90,11 @@ def test_runs_sharing_a_cache_train_sft_and_reward_once_when_only_ppo_changes(tm
     caplog.set_level(logging.INFO, logger="rlhf")
     cache = f"cache_dir={tmp_path / 'cache'}"
     first = run(
-        compose([*TINY, cache, "stages=[sft,reward,ppo]", "ppo.kl_coef=0.02"]), run_dir=tmp_path / "a"
+        compose([*CHAIN, cache, "stages=[sft,reward,ppo]", "ppo.kl_coef=0.02"]), run_dir=tmp_path / "a"
     )
     assert not any(e["cached"] for e in first["stages"].values())
     second = run(
-        compose([*TINY, cache, "stages=[sft,reward,ppo]", "ppo.kl_coef=0.1"]), run_dir=tmp_path / "b"
+        compose([*CHAIN, cache, "stages=[sft,reward,ppo]", "ppo.kl_coef=0.1"]), run_dir=tmp_path / "b"
     )
     stages = second["stages"]
     assert stages["sft"]["cached"] and stages["reward"]["cached"] and not stages["ppo"]["cached"]
@@ -123,22 +108,24 @@ def test_runs_sharing_a_cache_train_sft_and_reward_once_when_only_ppo_changes(tm
     assert "ppo reused from the stage cache" not in caplog.text
 
     # the cached SFT model is what PPO started from: its reference is the cache entry's weights
-    third = run(compose([*TINY, cache, "stages=[sft,reward,ppo]", "ppo.kl_coef=0.1"]), run_dir=tmp_path / "c")
+    third = run(
+        compose([*CHAIN, cache, "stages=[sft,reward,ppo]", "ppo.kl_coef=0.1"]), run_dir=tmp_path / "c"
+    )
     assert all(e["cached"] for e in third["stages"].values())  # the same config again: nothing to train
     assert third["stages"]["ppo"]["metrics"] == stages["ppo"]["metrics"]
 
 
 def test_cache_false_trains_every_stage_and_a_corrupt_entry_is_rebuilt(tmp_path):
     cache = f"cache_dir={tmp_path / 'cache'}"
-    first = run(compose([*TINY, cache, "stages=[sft]"]), run_dir=tmp_path / "a")
-    off = run(compose([*TINY, cache, "stages=[sft]", "cache=false"]), run_dir=tmp_path / "b")
+    first = run(compose([*CHAIN, cache, "stages=[sft]"]), run_dir=tmp_path / "a")
+    off = run(compose([*CHAIN, cache, "stages=[sft]", "cache=false"]), run_dir=tmp_path / "b")
     assert not off["stages"]["sft"]["cached"] and "cache_entry" not in off["stages"]["sft"]
     assert off["stages"]["sft"]["artifact"] == str(tmp_path / "b" / "sft")
 
     entry = StageCache(tmp_path / "cache").entry_dir("sft", first["stages"]["sft"]["key"])
     weights = entry / "artifact" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])  # a full disk cut the copy short
-    rebuilt = run(compose([*TINY, cache, "stages=[sft]"]), run_dir=tmp_path / "c")
+    rebuilt = run(compose([*CHAIN, cache, "stages=[sft]"]), run_dir=tmp_path / "c")
     assert not rebuilt["stages"]["sft"]["cached"]  # trained again, not loaded
     assert rebuilt["stages"]["sft"]["cache_entry"] == str(entry)
     record = json.loads((entry / ENTRY).read_text())

@@ -16,26 +16,9 @@ import yaml
 from rlhf.pipeline import HydraJob, run_name
 from rlhf.sweep import declared_keys, swept_values
 from rlhf.wandb_offline import find_offline_runs, read_offline_run
+from tests.conftest import TINY_CHAIN
 
 RLHF = str(Path(sys.executable).with_name("rlhf"))
-SMALL = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_heads=2",
-    "task.num_demonstrations=48",
-    "task.num_preferences=48",
-    "task.eval_fraction=0.25",
-    "sft.num_train_epochs=1",
-    "reward.num_train_epochs=1",
-    "sft.per_device_train_batch_size=16",
-    "reward.per_device_train_batch_size=16",
-    "ppo.batch_size=16",
-    "ppo.num_mini_batches=2",
-    "ppo.num_ppo_epochs=1",
-    "ppo.response_length=4",
-    "ppo.total_episodes=32",
-    "evaluate.num_prompts=16",
-]
 
 
 def rlhf(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -79,20 +62,36 @@ def test_run_names_show_the_swept_values(tmp_path):
     )  # a job without overrides
 
 
+LAUNCHERS = {
+    # the basic launcher (jobs one after the other, in this process) runs the same job code: its multirun is
+    # tests/test_cli.py::test_multirun_basic_launcher, its cache tests/test_stage_cache.py
+    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    # submitit_local: the same plugin as hydra/launcher=slurm on a cluster
+    "submitit_local": ["hydra/launcher=submitit_local"],
+}
+
+
+def sweep_with(launcher: str, cwd: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """`rlhf -m` of three jobs (one with a bad value) on `launcher`: the process and its sweep dir."""
+    proc = rlhf(
+        "-m", *LAUNCHERS[launcher], "ppo.kl_coef=0.02,0.1,-1", "hydra.sweep.dir=sweep", *TINY_CHAIN, cwd=cwd
+    )
+    return proc, cwd / "sweep"
+
+
+@pytest.fixture(scope="module")
+def joblib_sweep(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """The joblib sweep, run once: its test checks it, the Optuna sweep starts from its stage cache."""
+    return sweep_with("joblib", tmp_path_factory.mktemp("joblib"))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "launcher",
-    [
-        # the basic launcher (jobs one after the other, in this process) runs the same job code: its multirun is
-        # tests/test_cli.py::test_multirun_basic_launcher, its cache tests/test_stage_cache.py
-        ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
-        ["hydra/launcher=submitit_local"],  # the same plugin as hydra/launcher=slurm on a cluster
-    ],
-    ids=["joblib", "submitit_local"],
-)
-def test_a_sweep_trains_shared_stages_once_and_keeps_going_past_a_failed_job(tmp_path, launcher):
-    proc = rlhf("-m", *launcher, "ppo.kl_coef=0.02,0.1,-1", "hydra.sweep.dir=sweep", *SMALL, cwd=tmp_path)
-    sweep = tmp_path / "sweep"
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_a_sweep_trains_shared_stages_once_and_keeps_going_past_a_failed_job(request, tmp_path, launcher):
+    if launcher == "joblib":
+        proc, sweep = request.getfixturevalue("joblib_sweep")
+    else:
+        proc, sweep = sweep_with(launcher, tmp_path)
     jobs = _jobs(sweep)
     assert set(jobs) == {"0.02", "0.1", "-1"}, proc.stderr[-2000:]
 
@@ -159,7 +158,8 @@ def test_a_sweep_trains_shared_stages_once_and_keeps_going_past_a_failed_job(tmp
 
 
 @pytest.mark.slow
-def test_the_optuna_sweeper_returns_the_best_value_of_the_named_metric(tmp_path):
+def test_the_optuna_sweeper_returns_the_best_value_of_the_named_metric(tmp_path, joblib_sweep):
+    # SFT and the reward model come from the joblib sweep's cache (the same settings); no W&B: nothing read here
     proc = rlhf(
         "-m",
         "hydra/sweeper=optuna",
@@ -169,7 +169,9 @@ def test_the_optuna_sweeper_returns_the_best_value_of_the_named_metric(tmp_path)
         "ppo.kl_coef=interval(0.01,0.3)",
         "objective=stages.evaluate.metrics.ppo/gold_reward",
         "hydra.sweep.dir=sweep",
-        *SMALL,
+        *TINY_CHAIN,
+        "logger=none",
+        f"cache_dir={joblib_sweep[1] / '.stage_cache'}",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

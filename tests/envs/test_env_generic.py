@@ -18,6 +18,7 @@ import envs
 from envs.check import main
 from rlhf.cli import compose
 from rlhf.wandb_offline import find_offline_runs, history_values, read_offline_run
+from tests.conftest import TINY_MODEL
 
 PLAIN_SOURCE = '''\
 """their_pkg/plain.py: plain gymnasium environments (not TextEnv), written for any library."""
@@ -185,7 +186,7 @@ def pretrained(plain_pkg, tmp_path) -> Path:
 
     texts = ["apple", "river", "stone", "cloud", "green"] * 20
     tokenizer = build_bpe_tokenizer(texts, vocab_size=300)
-    cfg = compose(["model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2"])
+    cfg = compose(TINY_MODEL)
     model = build_tiny_model(cfg.model, tokenizer)
     out = tmp_path / "pretrained"
     model.save_pretrained(out)

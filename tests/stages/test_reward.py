@@ -15,11 +15,10 @@ from rlhf.pipeline import BASE
 from rlhf.stages import reward
 from rlhf.stages.base import StageContext, StageResult
 from rlhf.tracking import null_tracker
+from tests.conftest import TINY_MODEL
 
 TINY = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_heads=2",
+    *TINY_MODEL,
     "task.num_preferences=256",
     "task.eval_fraction=0.25",
     "reward.num_train_epochs=2",
