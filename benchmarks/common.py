@@ -92,6 +92,12 @@ def command_line(script: str) -> str:
     return " ".join([os.path.relpath(sys.executable, ROOT), f"benchmarks/{script}", *sys.argv[1:]])
 
 
+def write_results(path: Path, script: str, key: dict[str, float], results: Any) -> None:
+    """--json output: the command, the key numbers (what benchmarks/summary.py prints) and every row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"command": command_line(script), "key": key, "results": results}, indent=1))
+
+
 def set_threads(threads: int, seed: int) -> None:
     import torch
 

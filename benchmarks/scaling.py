@@ -45,7 +45,8 @@ if (
 ):  # `python benchmarks/x.py` puts benchmarks/ first on the path, not the repository
     sys.path.insert(0, str(ROOT))
 
-from real_model import peak_rss_mib  # noqa: E402  (benchmarks/ is on the path when run as a script)
+import common  # noqa: E402  (benchmarks/ is on the path when run as a script)
+from real_model import peak_rss_mib  # noqa: E402
 
 ENV_ID = "rlhf/Review-v0"
 SCALES = (1, 2, 4)
@@ -193,10 +194,6 @@ def memory_rows(args) -> list[dict[str, Any]]:
     return rows
 
 
-def command_line() -> str:
-    return " ".join([os.path.relpath(sys.executable, ROOT), "benchmarks/scaling.py", *sys.argv[1:]])
-
-
 def print_tables(results: dict[str, list[dict[str, Any]]], args) -> dict[str, float]:
     key: dict[str, float] = {}
     if "time" in results:
@@ -246,7 +243,7 @@ def print_tables(results: dict[str, list[dict[str, Any]]], args) -> dict[str, fl
             print(
                 "\nTODO: PPOConfig has no micro_batch_size yet; only the rows without micro-batching were measured."
             )
-    print(f"\ncommand: {command_line()}")
+    print(f"\ncommand: {common.command_line('scaling.py')}")
     return key
 
 
@@ -282,10 +279,7 @@ def main() -> None:
         results["memory"] = memory_rows(args)
     key = print_tables(results, args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps({"command": command_line(), "key": key, "results": results}, indent=1)
-        )
+        common.write_results(args.json, "scaling.py", key, results)
 
 
 if __name__ == "__main__":
