@@ -13,9 +13,9 @@ VmHWM: a child's `ru_maxrss` would include this process's RSS at the spawn, see 
 
 Sections:
 
-- peak: sustained FLOP/s of 2048^3 matmuls (torch.mm) in float32 and bfloat16 (total FLOPs / total time over
-  `--seconds`), the same thread count as everything else; plus copy bandwidth (GB/s read + written of a 256 MiB
-  tensor), the bound of a memory-bound decode step.
+- peak: sustained FLOP/s of 2048^3 matmuls (torch.mm) in float32 and bfloat16: the best 1-second window (total
+  FLOPs / time) of `--peak-seconds`, and the mean over all of them; the same thread count as everything else. Plus copy
+  bandwidth (GB/s read + written of a 256 MiB tensor), the bound of a memory-bound decode step.
 - update: one PPO minibatch step of the policy as `rlhf.ppo.trainer` does it (forward over prompt + response with
   position ids from the mask, float32 log-probabilities of the response tokens, clipped policy loss, entropy as a
   detached statistic, backward, gradient clipping, AdamW), on `--batch` sequences of `--prompt-len` + `--response-len`
@@ -30,7 +30,8 @@ Sections:
   fine-tuning (forward 2, activation gradients 2, weight gradients 2) and 4 for LoRA (no weight gradients of the
   frozen base; adapters add 6 * N_adapters * T), N_body = the transformer blocks' Linear weights, T = batch * sequence
   tokens, T_head = the positions the LM head runs on (--head fused: batch * (response + 1); full: T).
-  GFLOP/s = counted FLOPs / median step time; "% peak" divides that by the matmul peak of the same dtype.
+  GFLOP/s = counted FLOPs / the fastest timed step (other processes only ever add time; the median is in the JSON);
+  "% peak" divides that by the matmul peak (best window) of the same dtype.
 - generate: `rlhf.ppo.sampler.KVSampler` against `model.generate` (do_sample, temperature 1, top_k 0, top_p 1, KV
   cache, the same left-padded batch of chat-template prompts from `rlhf/Review-v1`) for the full model and with LoRA
   adapters (peft), float32, the same torch seed before each side: (i) --gen-batch different prompts, (ii) --gen-batch /
@@ -40,7 +41,8 @@ Sections:
   context every turn. Both sides generate exactly --new-tokens tokens per row and turn (KVSampler without a stop token,
   generate with min_new_tokens = max_new_tokens), so they do equal work: SmolLM2 rarely ends a reply within 32 tokens,
   and unequal lengths would measure the samples rather than the engines. `--stop-at-eos` stops both at eos instead
-  and counts each side's generated tokens. tokens/s = generated tokens / wall time (prefill included).
+  and counts each side's generated tokens. tokens/s = generated tokens / wall time (prefill included) of the fastest of
+  --repeats runs per side, run in alternating order (the same seed, so the same tokens every run).
 - memory: peak RSS of a PPO run (`rlhf.ppo.trainer.PPOTrainer`, GAE) with policy, reference, critic and reward model
   all SmolLM2 (critic and reward model `AutoModelForSequenceClassification`, num_labels=1, fresh head), loaded as
   `rlhf.stages.ppo` loads them: with LoRA the reference is the policy with adapters disabled and the critic gets LoRA
@@ -49,7 +51,9 @@ Sections:
 - profile (with --profile): torch.profiler's top operators of one update step and of KVSampler decode steps.
 
 Measure on an idle machine: with N threads on N cores one other busy process slows every parallel op, so each row
-shows the 1-min load average when it was measured.
+shows the 1-min load average when it was measured, and the timed rows their CPU share: this process's CPU time /
+(wall time x threads), ~100% when its threads had the cores to themselves. On a busy machine `--threads 1` is the
+steadier measurement (no thread waits at a barrier for a descheduled sibling).
 """
 
 from __future__ import annotations
@@ -141,22 +145,36 @@ def load_policy(path: Path, lora: bool):
     return apply_lora(model, smollm2_lora()) if lora else model
 
 
-def timed(fn: Callable[[], Any], seconds: float, min_runs: int) -> list[float]:
-    """Run `fn` until `seconds` have passed and at least `min_runs` times; the wall time of each run."""
+def timed(
+    fn: Callable[[], Any], seconds: float, min_runs: int, cpu: list[float] | None = None
+) -> list[float]:
+    """Run `fn` until `seconds` have passed and at least `min_runs` times; the wall time of each run (and, into
+    `cpu` when given, this process's CPU time of each run)."""
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - start < seconds:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t)
+        if cpu is not None:
+            cpu.append(time.process_time() - c)
     return times
+
+
+def cpu_share(cpu_s: float, wall_s: float) -> float:
+    """This process's CPU time / (wall time x torch threads): ~1 when its threads had the cores to themselves, lower
+    when other processes took turns on them (the time is then inflated)."""
+    import torch
+
+    return cpu_s / max(wall_s * torch.get_num_threads(), 1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- a. peak
 
 
-def matmul_peak(n: int, dtype_name: str, seconds: float) -> dict[str, float]:
-    """Sustained FLOP/s of (n, n) @ (n, n) in `dtype_name`: total FLOPs / total time over `seconds` (one warm-up)."""
+def matmul_peak(n: int, dtype_name: str, seconds: float, window: float = 1.0) -> dict[str, float]:
+    """Sustained FLOP/s of (n, n) @ (n, n) in `dtype_name` over `seconds`, in windows of `window` seconds: the best
+    window's rate (other processes only ever slow a window down) and the mean over all of them. One warm-up."""
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -164,13 +182,17 @@ def matmul_peak(n: int, dtype_name: str, seconds: float) -> dict[str, float]:
     out = torch.empty(n, n, dtype=dtype)
     torch.mm(a, b, out=out)  # warm-up: kernel selection, pages
     load = load_1min()
-    times = timed(lambda: torch.mm(a, b, out=out), seconds, 3)
     flops = 2 * n**3
+    rates, total_flops, start = [], 0, time.perf_counter()
+    while len(rates) < 3 or time.perf_counter() - start < seconds:
+        times = timed(lambda: torch.mm(a, b, out=out), window, 1)
+        rates.append(flops * len(times) / sum(times))
+        total_flops += flops * len(times)
     return {
         "dtype": dtype_name,
         "n": n,
-        "gflops": flops * len(times) / sum(times) / 1e9,
-        "best_gflops": flops / min(times) / 1e9,
+        "gflops": max(rates) / 1e9,
+        "mean_gflops": total_flops / (time.perf_counter() - start) / 1e9,
         "load": load,
     }
 
@@ -184,7 +206,7 @@ def copy_bandwidth(mib: int, seconds: float) -> dict[str, float]:
     b.copy_(a)
     load = load_1min()
     times = timed(lambda: b.copy_(a), seconds, 3)
-    return {"gbps": 2 * a.numel() * 4 * len(times) / sum(times) / 1e9, "load": load}
+    return {"gbps": 2 * a.numel() * 4 / min(times) / 1e9, "load": load}  # the fastest copy
 
 
 # ---------------------------------------------------------------------------------------------- b. update
@@ -328,8 +350,10 @@ def update_bench(args, mode: str, dtype: str) -> dict[str, Any]:
     step = make_update_step(model, data, bf16=dtype == "bfloat16", head=args.head)
     flops, per_op = count_flops(step)  # also the warm-up step
     load = load_1min()
-    times = timed(step, args.seconds, args.min_steps)
-    seconds = statistics.median(times)
+    cpu: list[float] = []
+    times = timed(step, args.seconds, args.min_steps, cpu)
+    fastest = times.index(min(times))
+    seconds = times[fastest]  # other processes on a shared machine only ever add time
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     row = {
         "mode": mode,
@@ -339,6 +363,8 @@ def update_bench(args, mode: str, dtype: str) -> dict[str, Any]:
         "tokens": args.batch * (args.prompt_len + args.response_len),
         "trainable_params": trainable,
         "step_s": seconds,
+        "median_step_s": statistics.median(times),
+        "cpu_share": cpu_share(cpu[fastest], seconds),
         "steps": len(times),
         "flops": flops,
         "model_flops": analytic_flops(
@@ -375,14 +401,14 @@ def follow_up_ids(tokenizer, turn: int, reply_ended: bool) -> list[int]:
 
 
 def run_kvsampler(model, tokenizer, contexts, turns: int, new_tokens: int, stop_at_eos: bool, seed: int):
-    """KVSampler on `contexts` for `turns` turns; returns (seconds, generated tokens)."""
+    """KVSampler on `contexts` for `turns` turns; returns (seconds, generated tokens, CPU seconds)."""
     import torch
 
     from rlhf.ppo.sampler import KVSampler
 
     eos = tokenizer.eos_token_id
     torch.manual_seed(seed)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     sampler = KVSampler(
         model,
         temperature=1.0,
@@ -396,18 +422,19 @@ def run_kvsampler(model, tokenizer, contexts, turns: int, new_tokens: int, stop_
         generated += sum(len(r) for r in replies)
         if turn + 1 < turns:
             sampler.extend([follow_up_ids(tokenizer, turn, bool(r) and r[-1] == eos) for r in replies])
-    return time.perf_counter() - start, generated
+    return time.perf_counter() - start, generated, time.process_time() - cpu
 
 
 def run_generate(model, tokenizer, contexts, turns: int, new_tokens: int, stop_at_eos: bool, seed: int):
-    """`model.generate` on `contexts` (left-padded), the whole context again every turn; (seconds, generated)."""
+    """`model.generate` on `contexts` (left-padded), the whole context again every turn; (seconds, generated tokens,
+    CPU seconds)."""
     import torch
 
     from rlhf.ppo.rollout import left_pad
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     torch.manual_seed(seed)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     contexts = [list(c) for c in contexts]
     generated = 0
     for turn in range(turns):
@@ -430,7 +457,7 @@ def run_generate(model, tokenizer, contexts, turns: int, new_tokens: int, stop_a
             generated += len(reply)
             if turn + 1 < turns:
                 context += reply + follow_up_ids(tokenizer, turn, bool(reply) and reply[-1] == eos)
-    return time.perf_counter() - start, generated
+    return time.perf_counter() - start, generated, time.process_time() - cpu
 
 
 def generation_scenarios(tokenizer, batch: int, group: int) -> list[tuple[str, list[list[int]], int]]:
@@ -460,14 +487,24 @@ def generate_bench(args) -> list[dict[str, Any]]:
         for name, contexts, turns in scenarios:
             load = load_1min()
             row: dict[str, Any] = {"weights": weights, "scenario": name, "turns": turns, "load": load}
-            for side, engine in (("generate", run_generate), ("kvsampler", run_kvsampler)):
-                seconds, generated = engine(
-                    model, tokenizer, contexts, turns, args.new_tokens, args.stop_at_eos, args.seed
-                )
+            sides = {"generate": run_generate, "kvsampler": run_kvsampler}
+            runs: dict[str, list[tuple[float, int, float]]] = {side: [] for side in sides}
+            for r in range(args.repeats):  # alternating order: generate first, then KVSampler first, ...
+                for side in list(sides)[:: 1 if r % 2 == 0 else -1]:
+                    runs[side].append(
+                        sides[side](
+                            model, tokenizer, contexts, turns, args.new_tokens, args.stop_at_eos, args.seed
+                        )
+                    )
+            for side, results in runs.items():
+                seconds, generated, cpu = min(results)  # the same seed: the same tokens every repeat
                 row[f"{side}_s"], row[f"{side}_tokens"] = seconds, generated
                 row[f"{side}_tok_s"] = generated / seconds
+                row[f"{side}_cpu_share"] = cpu_share(cpu, seconds)
+                row[f"{side}_all_s"] = [t for t, _, _ in results]
             row["ratio"] = row["kvsampler_tok_s"] / row["generate_tok_s"]
             row["context_tokens"] = sum(len(c) for c in contexts)
+            row["load_after"] = load_1min()
             rows.append(row)
             print(
                 f"  {weights:4s} {name:28s} generate {row['generate_tok_s']:6.1f} tok/s, "
@@ -681,10 +718,10 @@ def print_tables(results: dict[str, Any], args) -> dict[str, float]:
     peaks = {r["dtype"]: r for r in results.get("peak", [])}
     if "peak" in results:
         print(f"\n### Matmul peak ({args.threads} threads, torch.mm {args.matmul_n}^3)\n")
-        print("| dtype | sustained GFLOP/s | best GFLOP/s | load |")
+        print(f"| dtype | GFLOP/s, best 1 s window | mean over {args.peak_seconds:g} s | load |")
         print("|---|---:|---:|---:|")
         for r in results["peak"]:
-            print(f"| {r['dtype']} | {r['gflops']:.0f} | {r['best_gflops']:.0f} | {r['load']:.1f} |")
+            print(f"| {r['dtype']} | {r['gflops']:.0f} | {r['mean_gflops']:.0f} | {r['load']:.1f} |")
             key[f"peak/{r['dtype']}_gflops"] = r["gflops"]
         bw = results["bandwidth"]
         print(
@@ -698,9 +735,10 @@ def print_tables(results: dict[str, Any], args) -> dict[str, float]:
             "(forward + backward + clip + AdamW)\n"
         )
         print(
-            "| weights | dtype | trainable | step s | GFLOP/step counted | model | GFLOP/s | % of peak | load |"
+            "| weights | dtype | trainable | step s | GFLOP/step counted | model | GFLOP/s | % of peak | CPU share "
+            "| load |"
         )
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in results["update"]:
             peak = peaks.get(r["dtype"])
             frac = r["gflops"] / peak["gflops"] if peak else float("nan")
@@ -708,7 +746,7 @@ def print_tables(results: dict[str, Any], args) -> dict[str, float]:
             print(
                 f"| {r['mode']} | {r['dtype']} | {r['trainable_params'] / 1e6:.2f}M | {r['step_s']:.2f} | "
                 f"{r['flops'] / 1e9:.0f} | {r['model_flops'] / 1e9:.0f} | {r['gflops']:.1f} | "
-                f"{100 * frac:.0f}% | {r['load']:.1f} |"
+                f"{100 * frac:.0f}% | {100 * r['cpu_share']:.0f}% | {r['load']:.1f} |"
             )
             name = f"update/{r['mode']}_{r['dtype']}"
             key[f"{name}/step_s"], key[f"{name}/gflops"] = r["step_s"], r["gflops"]
@@ -716,12 +754,16 @@ def print_tables(results: dict[str, Any], args) -> dict[str, float]:
     if "generate" in results:
         how = "stopping at eos" if args.stop_at_eos else f"exactly {args.new_tokens} tokens per row and turn"
         print(f"\n### Generation: KVSampler vs model.generate (float32, temperature 1, {how})\n")
-        print("| weights | batch | generate tok/s | KVSampler tok/s | ratio | tokens (gen / KV) | load |")
-        print("|---|---|---:|---:|---:|---:|---:|")
+        print(
+            "| weights | batch | generate tok/s | KVSampler tok/s | ratio | tokens (gen / KV) | CPU share (gen / KV) "
+            "| load |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
         for r in results["generate"]:
             print(
                 f"| {r['weights']} | {r['scenario']} | {r['generate_tok_s']:.1f} | {r['kvsampler_tok_s']:.1f} | "
-                f"{r['ratio']:.2f}x | {r['generate_tokens']} / {r['kvsampler_tokens']} | {r['load']:.1f} |"
+                f"{r['ratio']:.2f}x | {r['generate_tokens']} / {r['kvsampler_tokens']} | "
+                f"{100 * r['generate_cpu_share']:.0f}% / {100 * r['kvsampler_cpu_share']:.0f}% | {r['load']:.1f} |"
             )
             name = f"generate/{r['weights']}/{r['scenario'].replace(' ', '_')}"
             key[f"{name}/generate_tok_s"] = r["generate_tok_s"]
@@ -789,7 +831,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--min-steps", type=int, default=2, help="minimum timed update steps per configuration")
     p.add_argument("--matmul-n", type=int, default=2048)
-    p.add_argument("--peak-seconds", type=float, default=5.0)
+    p.add_argument("--peak-seconds", type=float, default=6.0)
     p.add_argument("--batch", type=int, default=16, help="update: sequences per minibatch")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--response-len", type=int, default=32)
@@ -817,9 +859,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--memory-child", choices=sorted(MEMORY_CONFIGS), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.smoke:
-        a.seconds, a.min_steps, a.matmul_n, a.peak_seconds = 0.0, 1, 512, 0.5
+        a.seconds, a.min_steps, a.matmul_n, a.peak_seconds = 0.0, 1, 512, 1.0
         a.batch, a.prompt_len, a.response_len = 2, 12, 4
-        a.gen_batch, a.group, a.new_tokens = 4, 2, 3
+        a.gen_batch, a.group, a.new_tokens, a.repeats = 4, 2, 3, 1
         a.mem_batch, a.mem_tokens, a.mem_updates = 2, 3, 1
         a.profile_rows = 5
     a.model = a.model or default_model()
