@@ -48,16 +48,14 @@ class KVSampler:
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
         self.max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        self.decoder = make_decoder(model)  # the incremental forward passes (`rlhf.ppo.decoder`)
-        self.mask = torch.zeros(
-            (0, 0), dtype=torch.long, device=self.device
-        )  # (n, L): 1 on real cached tokens
-        self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)  # (n,) real tokens per row
-        self.next_logits: torch.Tensor | None = None  # (n, V) logits at each row's last real token
-        self.pending = torch.zeros(
-            0, dtype=torch.long, device=self.device
-        )  # (n,) last sampled token, not cached
-        self.has_pending = torch.zeros(0, dtype=torch.bool, device=self.device)  # (n,)
+        self.decoder = None  # the incremental forward passes (`rlhf.ppo.decoder`), built by `start`
+        # per row: mask (n, L) 1 on real cached tokens; lengths (n,) real tokens; next_logits (n, V) at the last
+        # real token; pending (n,) the last sampled token, not cached yet (has_pending (n,))
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.next_logits: torch.Tensor | None = None
+        self.pending = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.has_pending = torch.zeros(0, dtype=torch.bool, device=self.device)
 
     def __len__(self) -> int:
         return self.lengths.numel()
@@ -74,11 +72,11 @@ class KVSampler:
         self.next_logits = None
         self.mask = torch.zeros((len(unique), 0), dtype=torch.long, device=self.device)
         self.lengths = torch.zeros(len(unique), dtype=torch.long, device=self.device)
+        self.pending = torch.full((len(unique),), self.pad_token_id, dtype=torch.long, device=self.device)
+        self.has_pending = torch.zeros(len(unique), dtype=torch.bool, device=self.device)
         self._feed([list(c) for c in unique])
         if len(unique) < len(contexts):
             self.keep(torch.tensor(rows, device=self.device))
-        self.pending = torch.full((len(contexts),), self.pad_token_id, dtype=torch.long, device=self.device)
-        self.has_pending = torch.zeros(len(contexts), dtype=torch.bool, device=self.device)
 
     @torch.inference_mode()
     def extend(self, tokens: list[list[int]]) -> None:
@@ -100,8 +98,7 @@ class KVSampler:
         self.mask, self.lengths = self.mask[index], self.lengths[index]
         if self.next_logits is not None:
             self.next_logits = self.next_logits[index]
-        if self.pending.numel():
-            self.pending, self.has_pending = self.pending[index], self.has_pending[index]
+        self.pending, self.has_pending = self.pending[index], self.has_pending[index]
 
     # ------------------------------------------------------------------ sampling
     @torch.inference_mode()
