@@ -17,7 +17,7 @@ No Hydra and no W&B here: `config` is any object with `PPOConfig`'s fields and `
 `log(metrics, step, console)` and `log_table(key, columns, rows, step)` (`rlhf.tracking.StageTracker`).
 
 Dropout is left off (models stay in eval mode), as in TRL: the rollout's log-probabilities must be those the
-update recomputes, so the first PPO ratio is exactly 1.
+update recomputes, so the first PPO ratio is 1 (up to float rounding: the rollout's come from the KV-cached sampler).
 """
 
 from __future__ import annotations
