@@ -847,6 +847,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--stop-at-eos", action="store_true", help="generate: stop at eos instead of fixed lengths"
     )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="generate: runs per side, alternating; the fastest counts"
+    )
     p.add_argument("--mem-batch", type=int, default=8)
     p.add_argument("--mem-tokens", type=int, default=16)
     p.add_argument("--mem-updates", type=int, default=2)
