@@ -72,20 +72,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-if (
-    str(ROOT) not in sys.path
-):  # `python benchmarks/x.py` puts benchmarks/ first on the path, not the repository
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (also puts the repository root on the path)
+from common import ROOT, load_1min  # noqa: E402
 
 ENV_ID = "rlhf/Review-v1"
 FOLLOW_UPS = ("Tell me more about it.", "Now say that in fewer words.", "Thanks. Anything else?")
 """The user messages of the multi-turn scenario, one per later turn."""
-
-
-def load_1min() -> float:
-    return os.getloadavg()[0]
 
 
 def _proc_status_mib(field: str) -> float | None:
@@ -183,16 +176,20 @@ def matmul_peak(n: int, dtype_name: str, seconds: float, window: float = 1.0) ->
     torch.mm(a, b, out=out)  # warm-up: kernel selection, pages
     load = load_1min()
     flops = 2 * n**3
-    rates, total_flops, start = [], 0, time.perf_counter()
+    rates, shares, total_flops, start = [], [], 0, time.perf_counter()
     while len(rates) < 3 or time.perf_counter() - start < seconds:
-        times = timed(lambda: torch.mm(a, b, out=out), window, 1)
+        cpu: list[float] = []
+        times = timed(lambda: torch.mm(a, b, out=out), window, 1, cpu)
         rates.append(flops * len(times) / sum(times))
+        shares.append(cpu_share(sum(cpu), sum(times)))
         total_flops += flops * len(times)
+    best = rates.index(max(rates))
     return {
         "dtype": dtype_name,
         "n": n,
-        "gflops": max(rates) / 1e9,
+        "gflops": rates[best] / 1e9,
         "mean_gflops": total_flops / (time.perf_counter() - start) / 1e9,
+        "cpu_share": shares[best],
         "load": load,
     }
 
@@ -708,20 +705,19 @@ def profile_bench(args) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def command_line() -> str:
-    return " ".join([os.path.relpath(sys.executable, ROOT), "benchmarks/real_model.py", *sys.argv[1:]])
-
-
 def print_tables(results: dict[str, Any], args) -> dict[str, float]:
     """Markdown tables; returns the flat key numbers for --json."""
     key: dict[str, float] = {}
     peaks = {r["dtype"]: r for r in results.get("peak", [])}
     if "peak" in results:
         print(f"\n### Matmul peak ({args.threads} threads, torch.mm {args.matmul_n}^3)\n")
-        print(f"| dtype | GFLOP/s, best 1 s window | mean over {args.peak_seconds:g} s | load |")
-        print("|---|---:|---:|---:|")
+        print(f"| dtype | GFLOP/s, best 1 s window | mean over {args.peak_seconds:g} s | CPU share | load |")
+        print("|---|---:|---:|---:|---:|")
         for r in results["peak"]:
-            print(f"| {r['dtype']} | {r['gflops']:.0f} | {r['mean_gflops']:.0f} | {r['load']:.1f} |")
+            print(
+                f"| {r['dtype']} | {r['gflops']:.0f} | {r['mean_gflops']:.0f} | {100 * r['cpu_share']:.0f}% | "
+                f"{r['load']:.1f} |"
+            )
             key[f"peak/{r['dtype']}_gflops"] = r["gflops"]
         bw = results["bandwidth"]
         print(
@@ -808,7 +804,7 @@ def print_tables(results: dict[str, Any], args) -> dict[str, float]:
             for op, seconds, share in p["top"]:
                 print(f"| {op} | {seconds:.3f} | {100 * share:.1f}% |")
             key[f"profile/{name.replace(' ', '_')}/matmul_share"] = p["matmul_share"]
-    print(f"\ncommand: {command_line()}")
+    print(f"\ncommand: {common.command_line('real_model.py')}")
     return key
 
 
@@ -916,10 +912,7 @@ def main() -> None:
         results["profile"] = profile_bench(args)
     key = print_tables(results, args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps({"command": command_line(), "key": key, "results": results}, indent=1)
-        )
+        common.write_results(args.json, "real_model.py", key, results)
 
 
 if __name__ == "__main__":

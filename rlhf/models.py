@@ -212,6 +212,43 @@ def merge_lora(model):
     return model
 
 
+def merged_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (a state dict of `model`, e.g. the whole one gathered under FSDP) as the plain base model's weights:
+    the active LoRA adapters merged (W + scale * B @ A, in float32, kept in W's dtype), peft's key prefixes and
+    `modules_to_save` copies resolved. What `merge_lora(model).state_dict()` holds, computed from `state` instead of
+    the module's own (possibly sharded) parameters. A model without adapters gets `state` back."""
+    if not hasattr(model, "get_base_model"):
+        return state
+    prefix = "base_model.model."
+    merged: dict[str, torch.Tensor] = {}
+    drop: set[str] = set()
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            if any(getattr(module, "use_dora", {}).values()):
+                raise NotImplementedError(f"{name}: merging DoRA adapters from a state dict")
+            weight = state[f"{name}.base_layer.weight"].float()
+            for adapter in module.active_adapters:
+                if adapter not in module.lora_A:
+                    continue
+                a, b = state[f"{name}.lora_A.{adapter}.weight"], state[f"{name}.lora_B.{adapter}.weight"]
+                delta = module.scaling[adapter] * (b.float() @ a.float())
+                weight = weight + (delta.T if getattr(module, "fan_in_fan_out", False) else delta)
+            merged[f"{name}.weight"] = weight.to(state[f"{name}.base_layer.weight"].dtype)
+            drop.add(f"{name}.base_layer.weight")
+        elif hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
+            adapter = module.active_adapter
+            adapter = adapter[0] if isinstance(adapter, list) else adapter
+            for key in [k for k in state if k.startswith(f"{name}.")]:
+                rest = key[len(name) + 1 :]
+                if rest.startswith(f"modules_to_save.{adapter}."):
+                    merged[f"{name}.{rest.removeprefix(f'modules_to_save.{adapter}.')}"] = state[key]
+                drop.add(key)
+    for key, value in state.items():
+        if key not in drop and ".lora_" not in key and key not in merged:
+            merged[key.replace(".base_layer.", ".")] = value
+    return {k.removeprefix(prefix): v for k, v in merged.items()}
+
+
 def load_causal_lm(
     path: str | Path, dtype: str | torch.dtype = "float32", lora: LoraConfig | None = None
 ) -> PreTrainedModel:

@@ -14,6 +14,7 @@ from rlhf.models import (
     load_reward_model,
     load_tokenizer,
     merge_lora,
+    merged_state_dict,
     prepare_base_model,
     resolve_device,
     torch_dtype,
@@ -78,6 +79,29 @@ def test_lora_trains_only_adapters_and_merges_back(base_dir):
     seq = load_reward_model(base_dir, lora=cfg.model.lora)
     names = {n for n, p in seq.named_parameters() if p.requires_grad}
     assert any("lora_" in n for n in names) and any("score" in n for n in names)  # the new head trains too
+
+
+@pytest.mark.parametrize("kind", ["causal", "reward"])
+def test_merged_state_dict_equals_peft_merge(base_dir, kind):
+    """The state-dict merge (what an FSDP export uses: the module's own parameters are shards there) gives exactly
+    the weights of peft's in-place merge, the reward model's trained head (modules_to_save) included."""
+    import copy
+
+    lora = compose([*TINY_MODEL, "model.lora.r=4"]).model.lora
+    model = (load_causal_lm if kind == "causal" else load_reward_model)(base_dir, lora=lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # adapters and the head, as training leaves them
+                p.add_(0.1 * torch.randn_like(p))
+    state = merged_state_dict(model, model.state_dict())
+    expected = merge_lora(copy.deepcopy(model)).state_dict()
+    assert state.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(state[key], expected[key], atol=1e-6, rtol=0, msg=key)
+    plain = build_tiny_model(compose(TINY_MODEL).model, load_tokenizer(base_dir))
+    plain_state = plain.state_dict()
+    assert merged_state_dict(plain, plain_state) is plain_state  # no adapters: the state as it is
 
 
 def test_refusals(base_dir, tmp_path):

@@ -41,6 +41,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch import nn
 
 from rlhf.console import ppo_line, progress
+from rlhf.models import merge_lora, merged_state_dict
 from rlhf.ppo.advantages import gae, group_token_advantages
 from rlhf.ppo.checkpoint import (
     checkpoint_root,
@@ -715,6 +716,30 @@ class PPOTrainer:
         }
         self.last_checkpoint = save_checkpoint(self.acc, self.output_dir, self.update, meta, pretrained)
         return self.last_checkpoint
+
+    def export(self, directory: str | Path) -> None:
+        """The trained models as plain `save_pretrained` directories a user loads with `transformers` alone: the
+        policy (LoRA merged) with its tokenizer at `directory`, the critic at `directory/critic`.
+
+        Every process calls it: under FSDP the whole weights are gathered onto the main process first (the module's
+        own parameters are shards) and merged from that state dict; otherwise peft merges the module in place, so
+        call it once training is over.
+        """
+        directory = Path(directory)
+        models = {directory: (self.unwrapped_policy, full_state_dict(self.acc, self.policy))}
+        if self.value_model is not None:
+            state = full_state_dict(self.acc, self.value_model)  # ValueHead's keys: "model." + the critic's
+            state = None if state is None else {k.removeprefix("model."): v for k, v in state.items()}
+            models[directory / "critic"] = (self.unwrapped_critic, state)
+        if self.acc.is_main_process:
+            for path, (model, state) in models.items():
+                if state is None:
+                    merge_lora(model).save_pretrained(path)
+                else:
+                    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+                    base.save_pretrained(path, state_dict=merged_state_dict(model, state))
+                self.tokenizer.save_pretrained(path)
+        self.acc.wait_for_everyone()
 
     def _shown(self, update: int) -> bool:
         """Whether update `update` prints a console line (every console_every, the first and the last)."""

@@ -28,7 +28,6 @@ from rlhf.models import (
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
-    merge_lora,
     resolve_device,
 )
 from rlhf.reward_scoring import same_vocabulary
@@ -139,13 +138,8 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
 
     history = read_history(ctx.output_dir)
     metrics = summarize(history)
+    trainer.export(ctx.output_dir)  # every process: under FSDP the weights are gathered first
     if accelerator.is_main_process:
-        final = merge_lora(trainer.unwrapped_policy)
-        final.save_pretrained(ctx.output_dir)
-        tokenizer.save_pretrained(ctx.output_dir)
-        if trainer.unwrapped_critic is not None:
-            merge_lora(trainer.unwrapped_critic).save_pretrained(ctx.output_dir / "critic")
-            tokenizer.save_pretrained(ctx.output_dir / "critic")
         plot = plot_history(history, ctx.run_dir / PLOT_NAME)
         if plot is not None:
             ctx.tracker.log_image("ppo/curves", plot)

@@ -139,6 +139,7 @@ def worker(argv: list[str]) -> None:
         accelerator=acc,
     )
     trainer.train(max_updates=args.max_updates)
+    trainer.export(Path(args.output_dir) / "final")  # what the PPO stage writes for the user
     with gathered(acc, trainer.policy) as p:
         policy_digest = digest(p)
     with gathered(acc, trainer.value_model) as v:
@@ -240,6 +241,23 @@ def assert_same_run(a: Path, b: Path, atol: float) -> None:
             assert ra[key] == pytest.approx(rb[key], abs=max(atol, 1e-6)), (ra["update"], key)
 
 
+def assert_exported_whole(stage_dir: Path, checkpoint: str) -> None:
+    """`PPOTrainer.export` under FSDP wrote the whole weights (not a rank's shards): equal to the final checkpoint's
+    gathered ones, and plain `transformers` loads them."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    for name, sub, auto in (
+        ("policy", "", AutoModelForCausalLM),
+        ("critic", "critic", AutoModelForSequenceClassification),
+    ):
+        exported, saved = weights(stage_dir / "final", sub), weights(checkpoint, name)
+        assert exported.keys() == saved.keys(), name
+        for k in saved:
+            torch.testing.assert_close(exported[k], saved[k], atol=0, rtol=0, msg=f"{name}.{k}")
+        model = auto.from_pretrained(stage_dir / "final" / sub)
+        assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in saved.values())
+
+
 def test_accelerate_does_not_drive_fsdp_on_cpu():
     """The refusals the CPU test works around; when one of these fails, accelerate may run FSDP on CPU itself."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -277,6 +295,7 @@ def test_ppo_under_fsdp2_on_two_cpu_processes_checkpoints_resumes_and_matches_dd
     )
     assert_sharded_and_replicated(straight, 2)
     assert all(r["update"] == 4 for r in straight)
+    assert_exported_whole(tmp_path / "a", straight[0]["checkpoint"])
     # the same run stopped after 2 updates (checkpoint 2), then resumed in fresh processes from other initial weights
     first = launch(
         torchrun(29543), "fsdp", str(tmp_path / "b"), "--cpu", "--save-every", "2", "--max-updates", "2"
