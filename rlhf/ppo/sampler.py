@@ -27,6 +27,21 @@ from rlhf.ppo.decoder import make_decoder
 # Every method runs under torch.inference_mode (cheaper per op than no_grad); only Python lists leave the sampler.
 
 
+def draw_categorical(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of `probs` (n, V), drawn with probability proportional to the row (need not sum to 1).
+
+    Inverse-CDF sampling: one uniform number per row located in the row's cumulative sum. The same distribution as
+    `torch.multinomial(probs, 1)`, which draws an exponential variate for every one of the V entries: on a
+    49,152-token vocabulary that was ~14 ms of a ~110 ms SmolLM2 decode step on CPU, this is ~0.6 ms.
+    """
+    cdf = probs.float().cumsum(dim=-1)  # (n, V)
+    total = cdf[:, -1:]
+    # u in [0, total): the largest float below the total caps a product that rounded up to it, so a token of
+    # probability 0 (a flat stretch of the cdf, the tail included) is never the one found
+    u = torch.minimum(torch.rand_like(total) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)  # first index with cdf > u
+
+
 class KVSampler:
     """Sample replies for a batch of episodes, turn after turn, with one growing KV cache.
 
@@ -146,7 +161,7 @@ class KVSampler:
         """(n, V) logits -> sampled tokens (n,) and their float32 log-probabilities (n,)."""
         scaled = logits.float() / (self.temperature if self.temperature > 0 else 1.0)
         logp = torch.log_softmax(scaled, dim=-1)  # (n, V)
-        token = torch.multinomial(logp.exp(), 1).squeeze(1) if self.temperature > 0 else logp.argmax(-1)
+        token = draw_categorical(logp.exp()) if self.temperature > 0 else logp.argmax(-1)
         return token, logp.gather(1, token[:, None]).squeeze(1)
 
     # ------------------------------------------------------------------ forward passes

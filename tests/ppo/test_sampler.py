@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rlhf.ppo.decoder import HFDecoder, LlamaDecoder, make_decoder
-from rlhf.ppo.sampler import KVSampler
+from rlhf.ppo.sampler import KVSampler, draw_categorical
 
 
 def gqa_llama(vocab: int) -> LlamaForCausalLM:
@@ -187,3 +187,21 @@ def test_scoring_pass_equals_the_models_own_forward(tokenizer, name):
         expected = logprobs_from_logits(response_logits(model, ids, mask, 3), responses, 0.7)
     real = responses != 0
     torch.testing.assert_close(got[real], expected[real].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_draw_categorical_follows_the_probabilities_and_never_draws_a_zero():
+    """Inverse-CDF sampling against the distribution itself: frequencies over many rows, zeros (leading, inner and
+    trailing) never drawn, unnormalised rows, and a row that is all on one token."""
+    torch.manual_seed(0)
+    p = torch.tensor([0.0, 0.2, 0.0, 1.2, 0.6, 0.0])  # sums to 2: proportional, not normalised
+    rows = 40_000
+    drawn = draw_categorical(p.expand(rows, -1))
+    assert drawn.shape == (rows,) and drawn.dtype == torch.long
+    freq = torch.bincount(drawn, minlength=p.numel()).float() / rows
+    assert freq[p == 0].sum() == 0
+    torch.testing.assert_close(freq, p / p.sum(), atol=0.01, rtol=0)  # ~4 standard errors at p = 0.3
+    one_hot = torch.tensor([[0.0, 0.0, 1.0, 0.0]]).expand(1000, -1)
+    assert (draw_categorical(one_hot) == 2).all()
+    # rows are independent: a batch of two different rows
+    two = draw_categorical(torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(500, 1))
+    assert (two.view(500, 2) == torch.tensor([0, 1])).all()
