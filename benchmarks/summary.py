@@ -67,8 +67,16 @@ def rows(directory: Path) -> list[tuple[str, str, str, str]]:
             out.append((name.removesuffix(".json"), "missing", "", "-"))
             continue
         for key, value in r.get("key", {}).items():
-            measured = f"{value:.3g}" if isinstance(value, float) else str(value)
-            out.append((f"{name.removesuffix('.json')}: {key}", measured, "", ""))
+            target = f"{name.removesuffix('.json')}: {key}"
+            if key.startswith("update/") and key.endswith(
+                "/fraction_of_peak"
+            ):  # update FLOP/s vs the matmul peak
+                add(target, value, 0.40, True, "{:.0%}")
+            elif key.startswith("generate/") and key.endswith("/ratio"):  # KVSampler vs model.generate
+                add(target, value, 2.0, True)
+            else:
+                measured = f"{value:.3g}" if isinstance(value, float) else str(value)
+                out.append((target, measured, "", ""))
     return out
 
 
