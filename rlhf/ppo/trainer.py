@@ -697,14 +697,10 @@ class PPOTrainer:
 
     def save(self) -> Path:
         """Write an atomic checkpoint of everything needed to continue exactly (all processes call this)."""
-        critic = self.unwrapped_critic
-        # FSDP: the whole weights gathered onto the main process (every process takes part); None: the model's own
-        policy_state = full_state_dict(self.acc, self.policy)
+        policy_state, critic_state = self._full_states()
         pretrained = {"policy": (self.unwrapped_policy, self.tokenizer, policy_state)}
-        if critic is not None:
-            state = full_state_dict(self.acc, self.value_model)  # ValueHead's keys: "model." + the critic's
-            state = None if state is None else {k.removeprefix("model."): v for k, v in state.items()}
-            pretrained["critic"] = (critic, self.tokenizer, state)
+        if self.value_model is not None:
+            pretrained["critic"] = (self.unwrapped_critic, self.tokenizer, critic_state)
         meta = {
             "episodes": self.episodes,
             "num_updates": self.num_updates,
@@ -717,6 +713,19 @@ class PPOTrainer:
         self.last_checkpoint = save_checkpoint(self.acc, self.output_dir, self.update, meta, pretrained)
         return self.last_checkpoint
 
+    def _full_states(self) -> tuple[dict | None, dict | None]:
+        """Under FSDP the whole state dicts of the policy and the critic, gathered onto the main process (every
+        process takes part); None for each otherwise (the model's own `state_dict` is whole)."""
+        policy_state = full_state_dict(self.acc, self.policy)
+        critic_state = None
+        if self.value_model is not None:
+            critic_state = full_state_dict(
+                self.acc, self.value_model
+            )  # ValueHead's keys: "model." + the critic's
+            if critic_state is not None:
+                critic_state = {k.removeprefix("model."): v for k, v in critic_state.items()}
+        return policy_state, critic_state
+
     def export(self, directory: str | Path) -> None:
         """The trained models as plain `save_pretrained` directories a user loads with `transformers` alone: the
         policy (LoRA merged) with its tokenizer at `directory`, the critic at `directory/critic`.
@@ -726,11 +735,10 @@ class PPOTrainer:
         call it once training is over.
         """
         directory = Path(directory)
-        models = {directory: (self.unwrapped_policy, full_state_dict(self.acc, self.policy))}
+        policy_state, critic_state = self._full_states()
+        models = {directory: (self.unwrapped_policy, policy_state)}
         if self.value_model is not None:
-            state = full_state_dict(self.acc, self.value_model)  # ValueHead's keys: "model." + the critic's
-            state = None if state is None else {k.removeprefix("model."): v for k, v in state.items()}
-            models[directory / "critic"] = (self.unwrapped_critic, state)
+            models[directory / "critic"] = (self.unwrapped_critic, critic_state)
         if self.acc.is_main_process:
             for path, (model, state) in models.items():
                 if state is None:

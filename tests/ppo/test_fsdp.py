@@ -92,6 +92,7 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("--max-updates", type=int, default=None)
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--model-seed", type=int, default=0)
+    parser.add_argument("--lora", action="store_true", help="LoRA adapters on the policy's q/v projections")
     parser.add_argument("--results", required=True, help="directory for result-<rank>.json")
     args = parser.parse_args(argv)
 
@@ -127,6 +128,11 @@ def worker(argv: list[str]) -> None:
     full_numel = {"policy": sum(p.numel() for p in policy.parameters())}
     critic = critic_from(policy)
     full_numel["critic"] = sum(p.numel() for p in critic.parameters())
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        full_numel["policy"] = sum(p.numel() for p in policy.parameters())
     cfg = replace(BASE, save_every=args.save_every)
     trainer = PPOTrainer(
         cfg,
@@ -241,6 +247,18 @@ def assert_same_run(a: Path, b: Path, atol: float) -> None:
             assert ra[key] == pytest.approx(rb[key], abs=max(atol, 1e-6)), (ra["update"], key)
 
 
+def tiny_weights() -> dict[str, torch.Tensor]:
+    """The worker's initial policy weights (seed 0), as `save_pretrained` writes them."""
+    sys.path.insert(0, str(HERE))
+    from conftest import WORDS, tiny_llama
+
+    from rlhf.tokenizer import build_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        tiny_llama(build_tokenizer(WORDS), seed=0).save_pretrained(d)
+        return weights(d, "")
+
+
 def assert_exported_whole(stage_dir: Path, checkpoint: str) -> None:
     """`PPOTrainer.export` under FSDP wrote the whole weights (not a rank's shards): equal to the final checkpoint's
     gathered ones, and plain `transformers` loads them."""
@@ -315,6 +333,23 @@ def test_ppo_under_fsdp2_on_two_cpu_processes_checkpoints_resumes_and_matches_dd
     ddp = launch(torchrun(29545), "ddp", str(tmp_path / "c"))
     assert [r["distributed_type"] for r in ddp] == ["DistributedType.MULTI_CPU"] * 2
     assert_same_run(tmp_path / "a", tmp_path / "c", atol=1e-5)
+    # LoRA: the FSDP export merges the adapters from the gathered state dict (`merged_state_dict`), the DDP export
+    # with peft's own `merge_and_unload`: two implementations, one result
+    fsdp_lora = launch(torchrun(29546), "fsdp", str(tmp_path / "d"), "--cpu", "--lora", "--max-updates", "2")
+    assert [(r["fsdp_version"], r["distributed_type"]) for r in fsdp_lora] == [
+        (2, "DistributedType.FSDP")
+    ] * 2
+    assert len({r["digest"]["policy"] for r in fsdp_lora}) == 1
+    launch(torchrun(29547), "ddp", str(tmp_path / "e"), "--lora", "--max-updates", "2")
+    merged_fsdp, merged_ddp = weights(tmp_path / "d" / "final", ""), weights(tmp_path / "e" / "final", "")
+    assert merged_fsdp.keys() == merged_ddp.keys() and not any("lora" in k for k in merged_fsdp)
+    for k in merged_ddp:
+        torch.testing.assert_close(merged_fsdp[k], merged_ddp[k], atol=1e-5, rtol=0, msg=k)
+    initial = tiny_weights()
+    adapted = [k for k in merged_fsdp if not torch.equal(merged_fsdp[k], initial[k])]
+    assert adapted and all("q_proj" in k or "v_proj" in k for k in adapted), (
+        adapted
+    )  # only the adapted layers moved
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/fsdp_gpu_check.sh)")
