@@ -1,10 +1,21 @@
-"""Hydra overrides shared by the tests that train through the pipeline or the `rlhf` command.
+"""Hydra overrides shared by the tests that train through the pipeline or the `rlhf` command, and `free_port`.
 
 Import them (`from tests.conftest import TINY`) and add what a test needs after them: a later override of the same
 key wins.
 """
 
 from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    """A TCP port no one listens on now, for a torchrun rendezvous: a fixed port collides with another run of the
+    suite on the same machine (EADDRINUSE)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 TINY_MODEL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=2"]
 """The tiny Llama, smaller than the default one (`conf/model/tiny.yaml`)."""

@@ -72,8 +72,8 @@ def value_loss(
     values: (B, T) current critic predictions (with grad); old_values: (B, T) those recorded at rollout;
     returns: (B, T) targets (e.g. from ``gae``); mask: (B, T) action tokens.
     V_clipped = old_values + clip(values - old_values, -cliprange_value, cliprange_value); ``None`` (or inf)
-    disables clipping (plain 0.5 * squared error). Stats: ``clipfrac`` = fraction of tokens where the clipped
-    error is the larger one, ``vpred`` = masked mean of ``values``.
+    disables clipping (plain 0.5 * squared error). Stats: ``clipfrac`` = fraction of tokens where the clip is
+    active and the clipped error is the larger one, ``vpred`` = masked mean of ``values``.
     """
     m = _check_shapes(values=values, old_values=old_values, returns=returns, mask=mask)
     if cliprange_value is not None and not cliprange_value > 0:
@@ -85,13 +85,17 @@ def value_loss(
     vf_losses = (v - ret).square()  # (B, T)
     if cliprange_value is None:
         vf_losses_clipped = vf_losses
+        clipped = torch.zeros_like(m)
     else:
-        v_clipped = old + torch.clamp(v - old, -cliprange_value, cliprange_value)  # (B, T)
+        delta = v - old  # (B, T)
+        v_clipped = old + torch.clamp(delta, -cliprange_value, cliprange_value)  # (B, T)
         vf_losses_clipped = (v_clipped - ret).square()  # (B, T)
+        # where the clamp is inactive old + (v - old) can still differ from v by rounding: not a clipped token
+        clipped = (delta.abs() > cliprange_value) & (vf_losses_clipped > vf_losses)
     loss = 0.5 * masked_mean(torch.maximum(vf_losses, vf_losses_clipped), m)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((vf_losses_clipped > vf_losses).to(values.dtype), m),
+            "clipfrac": masked_mean(clipped.to(values.dtype), m),
             "vpred": masked_mean(v, m),
         }
     return loss, stats

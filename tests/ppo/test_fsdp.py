@@ -36,6 +36,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import free_port
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TIMING = ("eps", "time/rollout", "time/score", "time/update", "tokens_per_second")
@@ -195,13 +197,13 @@ def launch(launcher: list[str], *args: str, timeout: int = 600) -> list[dict]:
     return sorted(results, key=lambda r: r["rank"])
 
 
-def torchrun(port: int) -> list[str]:
+def torchrun() -> list[str]:
     return [
         str(Path(sys.executable).parent / "torchrun"),
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(port),
+        str(free_port()),
     ]
 
 
@@ -301,13 +303,13 @@ def test_ppo_under_fsdp2_on_two_cpu_processes_checkpoints_resumes_and_matches_dd
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [*torchrun(29541), str(script), str(tmp_path)], capture_output=True, text=True, timeout=120, env=env
+        [*torchrun(), str(script), str(tmp_path)], capture_output=True, text=True, timeout=120, env=env
     )
     errors = [(tmp_path / f"refusal-{r}.txt").read_text() for r in (0, 1)]
     assert errors == [FSDP_REFUSED_ON_CPU] * 2, proc.stderr[-2000:]
 
     # an uninterrupted FSDP2 run of 4 updates (one checkpoint, at the end)
-    straight = launch(torchrun(29542), "fsdp", str(tmp_path / "a"), "--cpu")
+    straight = launch(torchrun(), "fsdp", str(tmp_path / "a"), "--cpu")
     assert all(r["chosen"] == "DistributedType.MULTI_CPU" for r in straight), (
         "accelerate chose FSDP on CPU itself"
     )
@@ -316,7 +318,7 @@ def test_ppo_under_fsdp2_on_two_cpu_processes_checkpoints_resumes_and_matches_dd
     assert_exported_whole(tmp_path / "a", straight[0]["checkpoint"])
     # the same run stopped after 2 updates (checkpoint 2), then resumed in fresh processes from other initial weights
     first = launch(
-        torchrun(29543), "fsdp", str(tmp_path / "b"), "--cpu", "--save-every", "2", "--max-updates", "2"
+        torchrun(), "fsdp", str(tmp_path / "b"), "--cpu", "--save-every", "2", "--max-updates", "2"
     )
     assert [r["update"] for r in first] == [2, 2]
     ckpt = Path(first[0]["checkpoint"])
@@ -324,23 +326,23 @@ def test_ppo_under_fsdp2_on_two_cpu_processes_checkpoints_resumes_and_matches_dd
     state = sorted(p.name for p in (ckpt / "accelerate").iterdir())
     assert {"pytorch_model_fsdp_0", "pytorch_model_fsdp_1", "optimizer_0", "optimizer_1"} <= set(state), state
     resumed = launch(
-        torchrun(29544), "fsdp", str(tmp_path / "b"), "--cpu", "--save-every", "2", "--model-seed", "7"
+        torchrun(), "fsdp", str(tmp_path / "b"), "--cpu", "--save-every", "2", "--model-seed", "7"
     )
     assert_sharded_and_replicated(resumed, 2)
     assert [r["digest"] for r in resumed] == [r["digest"] for r in straight], "resumed != uninterrupted"
     assert_same_run(tmp_path / "a", tmp_path / "b", atol=0.0)
     # DDP on the same global batch: the same run up to float summation order
-    ddp = launch(torchrun(29545), "ddp", str(tmp_path / "c"))
+    ddp = launch(torchrun(), "ddp", str(tmp_path / "c"))
     assert [r["distributed_type"] for r in ddp] == ["DistributedType.MULTI_CPU"] * 2
     assert_same_run(tmp_path / "a", tmp_path / "c", atol=1e-5)
     # LoRA: the FSDP export merges the adapters from the gathered state dict (`merged_state_dict`), the DDP export
     # with peft's own `merge_and_unload`: two implementations, one result
-    fsdp_lora = launch(torchrun(29546), "fsdp", str(tmp_path / "d"), "--cpu", "--lora", "--max-updates", "2")
+    fsdp_lora = launch(torchrun(), "fsdp", str(tmp_path / "d"), "--cpu", "--lora", "--max-updates", "2")
     assert [(r["fsdp_version"], r["distributed_type"]) for r in fsdp_lora] == [
         (2, "DistributedType.FSDP")
     ] * 2
     assert len({r["digest"]["policy"] for r in fsdp_lora}) == 1
-    launch(torchrun(29547), "ddp", str(tmp_path / "e"), "--lora", "--max-updates", "2")
+    launch(torchrun(), "ddp", str(tmp_path / "e"), "--lora", "--max-updates", "2")
     merged_fsdp, merged_ddp = weights(tmp_path / "d" / "final", ""), weights(tmp_path / "e" / "final", "")
     assert merged_fsdp.keys() == merged_ddp.keys() and not any("lora" in k for k in merged_fsdp)
     for k in merged_ddp:

@@ -22,6 +22,7 @@ from rlhf.ppo.advantages import group_advantages
 from rlhf.ppo.checkpoint import CheckpointError, latest_checkpoint, read_resume_run_id
 from rlhf.ppo.rollout import EnvFailure
 from rlhf.ppo.trainer import PPOTrainer, train_episode_seed
+from tests.conftest import free_port
 
 BASE = PPOConfig(
     reward_source="env",
@@ -408,7 +409,7 @@ def test_two_processes_with_torchrun_share_one_global_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(script)],
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -18,6 +18,7 @@ from rlhf.stages import ppo
 from rlhf.stages.base import StageContext, StageResult
 from rlhf.tokenizer import build_tokenizer
 from rlhf.tracking import null_tracker
+from tests.conftest import free_port
 
 FAST = [
     "logger=none",
@@ -167,7 +168,7 @@ def test_torchrun_two_processes_run_the_stage_through_the_cli(tmp_path, setup):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29541",
+        str(free_port()),
         "-m",
         "rlhf",
         "stages=[ppo]",
