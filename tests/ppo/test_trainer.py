@@ -401,7 +401,7 @@ def test_two_processes_with_torchrun_share_one_global_batch(tmp_path):
             total = sum(p.double().sum().item() for p in t.unwrapped_policy.parameters())
             out = dict(rank=acc.process_index, n=acc.num_processes, local=len(t.envs), seeds=ro.seeds, total=total)
             # one write of one line (< PIPE_BUF bytes, atomic): print's separate newline let the ranks' lines interleave
-            sys.stdout.write("RESULT " + json.dumps(out) + "\n")
+            sys.stdout.write("RESULT " + json.dumps(out) + "\\n")
             sys.stdout.flush()
             """
         )
