@@ -212,11 +212,32 @@ def merge_lora(model):
     return model
 
 
+def merge_lora_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    adapters: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]],
+    fan_in_fan_out: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """peft's LoRA merge of one linear layer: W + sum(scale * B @ A) and b + sum(scale * b_B), in float32, kept in
+    W's dtype. adapters: (A, B, B's bias or None, scale) per active adapter; fan_in_fan_out: W is stored (in, out)."""
+    if not adapters:
+        return weight, bias
+    merged = weight.float()
+    merged_bias = None if bias is None else bias.float()
+    for a, b, b_bias, scale in adapters:
+        delta = scale * (b.float() @ a.float())
+        merged = merged + (delta.T if fan_in_fan_out else delta)
+        if b_bias is not None:
+            extra = scale * b_bias.float()
+            merged_bias = extra if merged_bias is None else merged_bias + extra
+    return merged.to(weight.dtype), None if merged_bias is None else merged_bias.to(weight.dtype)
+
+
 def merged_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` (a state dict of `model`, e.g. the whole one gathered under FSDP) as the plain base model's weights:
-    the active LoRA adapters merged (W + scale * B @ A, in float32, kept in W's dtype), peft's key prefixes and
-    `modules_to_save` copies resolved. What `merge_lora(model).state_dict()` holds, computed from `state` instead of
-    the module's own (possibly sharded) parameters. A model without adapters gets `state` back."""
+    the active LoRA adapters merged (`merge_lora_linear`), peft's key prefixes and `modules_to_save` copies
+    resolved. What `merge_lora(model).state_dict()` holds, computed from `state` instead of the module's own
+    (possibly sharded) parameters. A model without adapters gets `state` back."""
     if not hasattr(model, "get_base_model"):
         return state
     prefix = "base_model.model."
@@ -226,15 +247,27 @@ def merged_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.
         if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
             if any(getattr(module, "use_dora", {}).values()):
                 raise NotImplementedError(f"{name}: merging DoRA adapters from a state dict")
-            weight = state[f"{name}.base_layer.weight"].float()
-            for adapter in module.active_adapters:
-                if adapter not in module.lora_A:
-                    continue
-                a, b = state[f"{name}.lora_A.{adapter}.weight"], state[f"{name}.lora_B.{adapter}.weight"]
-                delta = module.scaling[adapter] * (b.float() @ a.float())
-                weight = weight + (delta.T if getattr(module, "fan_in_fan_out", False) else delta)
-            merged[f"{name}.weight"] = weight.to(state[f"{name}.base_layer.weight"].dtype)
+            adapters = [
+                (
+                    state[f"{name}.lora_A.{adapter}.weight"],
+                    state[f"{name}.lora_B.{adapter}.weight"],
+                    state.get(f"{name}.lora_B.{adapter}.bias"),
+                    module.scaling[adapter],
+                )
+                for adapter in module.active_adapters
+                if adapter in module.lora_A
+            ]
+            weight, bias = merge_lora_linear(
+                state[f"{name}.base_layer.weight"],
+                state.get(f"{name}.base_layer.bias"),
+                adapters,
+                getattr(module, "fan_in_fan_out", False),
+            )
+            merged[f"{name}.weight"] = weight
             drop.add(f"{name}.base_layer.weight")
+            if bias is not None:
+                merged[f"{name}.bias"] = bias
+                drop.add(f"{name}.base_layer.bias")
         elif hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
             adapter = module.active_adapter
             adapter = adapter[0] if isinstance(adapter, list) else adapter

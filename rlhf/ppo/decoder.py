@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from rlhf.models import merge_lora_linear
+
 
 class HFDecoder:
     """Any causal LM through its own forward with a DynamicCache (holes in the key mask are padding)."""
@@ -55,7 +57,7 @@ class HFDecoder:
 def _effective(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A linear layer's weight and bias as its forward applies them: active LoRA adapters merged in.
 
-    The merge is W + scale * B @ A computed in float32 and kept in W's dtype; the model's own weights are not touched.
+    The merge is `rlhf.models.merge_lora_linear` (float32, kept in W's dtype); the model's own weights are not touched.
     Raises NotImplementedError for layers this engine does not know (quantized, DoRA, ...).
     """
     if type(module) is nn.Linear:
@@ -63,22 +65,17 @@ def _effective(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     base = getattr(module, "base_layer", None)
     if type(base) is not nn.Linear or not hasattr(module, "lora_A"):
         raise NotImplementedError(type(module).__name__)
-    weight = base.weight
     if module.disable_adapters or module.merged:
-        return weight, base.bias
-    merged = weight.float()
-    bias = base.bias
+        return base.weight, base.bias
+    adapters = []
     for name in module.active_adapters:
         if name not in module.lora_A:
             continue
         if getattr(module, "use_dora", {}).get(name) or getattr(module, "fan_in_fan_out", False):
             raise NotImplementedError("DoRA / fan_in_fan_out adapters")
-        lora_a, lora_b, scale = module.lora_A[name], module.lora_B[name], module.scaling[name]
-        merged = merged + scale * (lora_b.weight.float() @ lora_a.weight.float())
-        if lora_b.bias is not None:
-            extra = scale * lora_b.bias.float()
-            bias = extra if bias is None else bias.float() + extra
-    return merged.to(weight.dtype), None if bias is None else bias.to(weight.dtype)
+        lora_a, lora_b = module.lora_A[name], module.lora_B[name]
+        adapters.append((lora_a.weight, lora_b.weight, lora_b.bias, module.scaling[name]))
+    return merge_lora_linear(base.weight, base.bias, adapters)
 
 
 def _stacked(*modules: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -719,9 +719,8 @@ class PPOTrainer:
         policy_state = full_state_dict(self.acc, self.policy)
         critic_state = None
         if self.value_model is not None:
-            critic_state = full_state_dict(
-                self.acc, self.value_model
-            )  # ValueHead's keys: "model." + the critic's
+            # ValueHead's keys: "model." + the critic's
+            critic_state = full_state_dict(self.acc, self.value_model)
             if critic_state is not None:
                 critic_state = {k.removeprefix("model."): v for k, v in critic_state.items()}
         return policy_state, critic_state
