@@ -51,9 +51,16 @@ def write_inputs(workdir: Path, num_prompts: int) -> dict[str, str]:
 
 
 def run_ours(
-    workdir: Path, updates: int, threads: int, seed: int, batch_size: int, mini_batches: int
+    workdir: Path,
+    updates: int,
+    threads: int,
+    seed: int,
+    batch_size: int,
+    mini_batches: int,
+    critic_process: bool = False,
 ) -> dict:
-    """Our PPOTrainer on the shared inputs in `workdir`, one `train(max_updates=1)` per timed update."""
+    """Our PPOTrainer on the shared inputs in `workdir`, one `train(max_updates=1)` per timed update (with
+    `critic_process`, ppo.critic_process: `threads` split between this process and the critic's)."""
     import torch
     from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
@@ -80,6 +87,7 @@ def run_ours(
         save_every=0,
         samples_every=0,
         resume=False,
+        critic_process=critic_process,
     )
     trainer = PPOTrainer(
         cfg,
@@ -99,6 +107,7 @@ def run_ours(
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
         phases.append({k: v for k, v in metrics.items() if k.startswith("time/")})
+    trainer.close()
     steady, steady_cpu, phases = times[1:], cpu_times[1:], phases[1:]  # the first update is warm-up
     s_per_update = sum(steady) / len(steady)
     return {
@@ -110,7 +119,7 @@ def run_ours(
         "cpu_s_per_update": sum(steady_cpu) / len(steady_cpu),
         "total_s": sum(times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "threads": torch.get_num_threads(),
+        "threads": threads,  # with the critic process: the two processes' threads together
         "phases_s": {k: sum(p[k] for p in phases) / len(phases) for k in phases[0]},  # rollout, score, update
     }
 
@@ -168,12 +177,16 @@ def main() -> None:
     p.add_argument("--json", metavar="PATH", help="also write the table's numbers and the ratio as json")
     # internal: run our side in this process, on the inputs in WORKDIR
     p.add_argument("--ours", metavar="WORKDIR", help=argparse.SUPPRESS)
+    p.add_argument("--critic-process", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.updates < 2:
         p.error("--updates must be >= 2: the first update is warm-up and is not timed")
     if a.ours:
         [threads] = a.threads
-        print(json.dumps(run_ours(Path(a.ours), a.updates, threads, a.seed, a.batch_size, a.mini_batches)))
+        result = run_ours(
+            Path(a.ours), a.updates, threads, a.seed, a.batch_size, a.mini_batches, a.critic_process
+        )
+        print(json.dumps(result))
         return
     if not PEER_PYTHON.exists():
         sys.exit(f"no peer venv at {PEER_PYTHON.parent.parent}: run `bash benchmarks/setup_peer.sh` first")
@@ -191,6 +204,11 @@ def main() -> None:
                 t = ["--threads", str(threads)]
                 results.setdefault(f"ours, {threads} thr", []).append(run_side(ours_cmd + t))
                 results.setdefault(f"trl 1.12.0 PPOTrainer, {threads} thr", []).append(run_side(peer_cmd + t))
+                if (
+                    threads >= 2
+                ):  # ppo.critic_process: the threads split, one process each for policy and critic
+                    row = f"ours, ppo.critic_process, {threads} thr"
+                    results.setdefault(row, []).append(run_side(ours_cmd + t + ["--critic-process"]))
 
     print(
         f"PPO throughput on {ENV_ID}: batch {a.batch_size}, {RESPONSE_LENGTH} response tokens, "

@@ -132,6 +132,11 @@ def check_ppo(p: Any, num_processes: int = 1) -> None:
         raise ValueError(
             f"ppo.advantage={p.advantage} needs ppo.num_generations >= 2 dividing the per-process batch {local}"
         )
+    if p.critic_process and num_processes > 1:
+        raise ValueError(
+            f"ppo.critic_process runs the critic beside this process; with {num_processes} processes DDP/FSDP "
+            "reduces its gradients instead: set ppo.critic_process=false"
+        )
     if p.total_episodes < p.batch_size:
         raise ValueError(f"ppo.total_episodes={p.total_episodes} must be >= ppo.batch_size={p.batch_size}")
     if p.kl_in == "reward" and p.kl_estimator != "k1":

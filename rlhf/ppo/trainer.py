@@ -50,8 +50,9 @@ from rlhf.ppo.checkpoint import (
     resumable_checkpoint,
     save_checkpoint,
 )
+from rlhf.ppo.critic_process import CriticProcess, critic_micro_loss
 from rlhf.ppo.kl import kl_penalty, make_kl_controller
-from rlhf.ppo.losses import kl_loss, policy_loss, value_loss
+from rlhf.ppo.losses import kl_loss, policy_loss
 from rlhf.ppo.ops import (
     last_true_index,
     masked_mean,
@@ -209,6 +210,7 @@ class PPOTrainer:
             self.critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, self._lr_lambda)
             self.value_model, self.critic_opt = acc.prepare(value_model, critic_opt)
         self.critic = critic if self.value_model is not None else None
+        self.critic_process = self._start_critic_process() if self.value_model is not None else None
         # the policy's LM head, applied a chunk of tokens at a time in the update (`rollout.response_logprobs`);
         # None scores from full logits: FSDP shards the head's weight outside the forward
         self.policy_head = (
@@ -254,6 +256,33 @@ class PPOTrainer:
                 "float16 mixed precision (model.dtype=float16) scales the loss for one optimizer at a time and "
                 "would mis-scale the critic's; use model.dtype=bfloat16 or float32, or ppo.advantage=grpo|rloo"
             )
+
+    def _start_critic_process(self) -> CriticProcess | None:
+        """With ppo.critic_process, the worker that runs the critic's passes; this process's threads split with it."""
+        if not self.cfg.critic_process:
+            return None
+        threads = torch.get_num_threads()
+        worker_threads = max(1, threads // 2)
+        torch.set_num_threads(max(1, threads - worker_threads))
+        log.info(
+            "[ppo] critic in its own process: %d CPU thread(s) there, %d here",
+            worker_threads,
+            torch.get_num_threads(),
+        )
+        mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.acc.mixed_precision))
+        return CriticProcess(
+            self.value_model,
+            threads=worker_threads,
+            cliprange_value=self.cfg.cliprange_value,
+            forward_batch_size=self.cfg.forward_batch_size,
+            autocast_dtype=mixed,
+        )
+
+    def close(self) -> None:
+        """Stop the critic process, if any (a finished trainer's models stay usable)."""
+        if self.critic_process is not None:
+            self.critic_process.close()
+            self.critic_process = None
 
     def _adamw(self, model: nn.Module, lr: float) -> torch.optim.AdamW:
         """AdamW over the trainable parameters; the fused kernel (one op per step, not ~10 per tensor) on CPU/CUDA."""
@@ -352,6 +381,10 @@ class PPOTrainer:
         ro = self._rollout()
         mask = ro.action_mask  # (B, R)
         t1 = time.perf_counter()
+        if self.critic_process is not None:  # values computed there while this process scores
+            self.critic_process.start_values(
+                ro.query_responses, ro.attention_mask, ro.action_mask, ro.context_length
+            )
         # 2. score: the rubric's weighted components per token (env rewards at turn ends, the others at the last
         #    token); components: {name: (B,)} unweighted, for the metrics
         token_scores, scores, model_scores, components = self._score(ro)  # (B, R), (B,), (B,) | None
@@ -372,6 +405,8 @@ class PPOTrainer:
         # 5. advantages and returns: GAE over score + KL rewards, or the group advantage of the scores plus the
         #    per-token KL penalty (not divided by the group's std)
         advantages, returns = self._advantages(token_scores, kl_reward, values, mask)  # (B, R), (B, R)
+        if self.critic_process is not None:
+            self.critic_process.set_targets(values, returns)
         # 6. num_ppo_epochs x num_mini_batches: clipped policy loss (+ KL with kl_in=loss), clipped value loss,
         #    clipped gradients, step
         stats = self._optimize(ro, advantages, returns, values, ref_logprobs)
@@ -500,6 +535,8 @@ class PPOTrainer:
         """V(s_t) for each response token t: the critic's output at the position that predicts it. (B, R)."""
         if self.value_model is None:
             return torch.zeros_like(ro.logprobs)
+        if self.critic_process is not None:
+            return self.critic_process.result()  # asked for after the rollout
         parts, n = [], self.cfg.forward_batch_size
         with gathered(self.acc, self.value_model) as critic:  # FSDP: whole weights
             for i in range(0, len(ro), n):
@@ -578,6 +615,14 @@ class PPOTrainer:
         size = cfg.micro_batch_size or len(idx)
         starts = list(range(0, len(idx), size))
         stats: dict[str, torch.Tensor] = {}
+        if (
+            self.critic_process is not None
+        ):  # the value loss's passes run there, in parallel with the policy's below
+            parts = [slice(start, start + size) for start in starts]
+            weights = [(mask[part].sum() / total).item() for part in parts]
+            self.critic_process.start_step(
+                [(idx[part].tolist(), w) for part, w in zip(parts, weights)], cfg.vf_coef
+            )
         for k, start in enumerate(starts):
             part = slice(start, start + size)
             weight = mask[part].sum() / total
@@ -591,13 +636,21 @@ class PPOTrainer:
                 self.acc.backward(loss * weight)
             for name, value in out.items():
                 stats[name] = stats.get(name, 0.0) + value * weight
+        if self.critic_process is not None:
+            critic_stats = self.critic_process.result()
+            if "nonfinite" in critic_stats:
+                self._check_finite(
+                    "loss", critic_stats["nonfinite"], "lower ppo.learning_rate or check rewards"
+                )
+            stats.update(critic_stats)
         self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
         self.policy_opt.step()
         self.policy_opt.zero_grad(set_to_none=True)
         if self.value_model is not None:
             self.acc.clip_grad_norm_(self.value_model.parameters(), cfg.max_grad_norm)
             self.critic_opt.step()
-            self.critic_opt.zero_grad(set_to_none=True)
+            # the critic process's gradients are shared tensors: zeroed in place, never dropped
+            self.critic_opt.zero_grad(set_to_none=self.critic_process is None)
         return stats
 
     def _micro_loss(
@@ -632,12 +685,20 @@ class PPOTrainer:
             kl = kl_loss(logprobs, ref_logprobs, mask, cfg.kl_estimator)
             loss = loss + self.kl_ctl.value * kl
             out["loss/kl_avg"] = kl.detach()
-        if self.value_model is not None:
-            with self.acc.autocast():
-                vpred = self.value_model(query_responses, attention_mask)[:, Q - 1 : -1]  # (b, R)
-            vf_loss, vf_stats = value_loss(vpred, old_values, returns, mask, cfg.cliprange_value)
+        if self.value_model is not None and self.critic_process is None:
+            vf_loss, vf_stats = critic_micro_loss(
+                self.value_model,
+                query_responses,
+                attention_mask,
+                Q,
+                old_values,
+                returns,
+                mask,
+                cfg.cliprange_value,
+                self.acc.autocast(),
+            )
             loss = loss + cfg.vf_coef * vf_loss
-            out.update({"loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_stats["clipfrac"]})
+            out.update(vf_stats)
         return loss, out
 
     # ------------------------------------------------------------------ metrics, logging, checkpoints

@@ -134,7 +134,10 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
         stage_key=ctx.key,
         rubric=rubric,
     )
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
 
     history = read_history(ctx.output_dir)
     metrics = summarize(history)

@@ -1,0 +1,124 @@
+"""ppo.critic_process: the critic's passes in a worker process take exactly the steps the in-process critic takes,
+checkpoint and resume as it does, and the worker never outlives its trainer's process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from test_trainer import BASE, TIMING, history, make_trainer, params
+
+from rlhf.validation import check_ppo
+
+
+@pytest.fixture
+def one_thread_each():
+    """Serial runs at one thread, the split ones at one thread per process: the same kernels, so equal bits."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def run(tokenizer, path, cfg, critic_process: bool, max_updates=None, model_seed=0):
+    torch.set_num_threads(2 if critic_process else 1)
+    trainer = make_trainer(
+        tokenizer, path, replace(cfg, critic_process=critic_process), model_seed=model_seed
+    )
+    try:
+        trainer.train(max_updates=max_updates)
+    finally:
+        trainer.close()
+    return trainer
+
+
+def assert_same_run(a, b, path_a, path_b):
+    for model_a, model_b in (
+        (a.unwrapped_policy, b.unwrapped_policy),
+        (a.unwrapped_critic, b.unwrapped_critic),
+    ):
+        pa, pb = params(model_a), params(model_b)
+        assert pa.keys() == pb.keys()
+        for k in pa:
+            assert torch.equal(pa[k], pb[k]), k
+    ha, hb = history(path_a), history(path_b)
+    assert [r["update"] for r in ha] == [r["update"] for r in hb]
+    for ra, rb in zip(ha, hb):
+        assert {k: v for k, v in ra.items() if k not in TIMING} == {
+            k: v for k, v in rb.items() if k not in TIMING
+        }
+
+
+def test_the_critic_process_takes_the_in_process_critics_steps_bit_for_bit(
+    tokenizer, tmp_path, one_thread_each
+):
+    cfg = replace(BASE, micro_batch_size=3)  # uneven micro-batches: the accumulation weights matter
+    serial = run(tokenizer, tmp_path / "serial", cfg, critic_process=False)
+    split = run(tokenizer, tmp_path / "split", cfg, critic_process=True)
+    assert split.critic_process is None  # closed
+    assert_same_run(serial, split, tmp_path / "serial", tmp_path / "split")
+    rows = history(tmp_path / "split")
+    assert all(r["loss/value_avg"] > 0 and "val/clipfrac_avg" in r for r in rows)
+    critic_moved = any(
+        not torch.equal(v, params(make_trainer(tokenizer, tmp_path / "fresh").unwrapped_critic)[k])
+        for k, v in params(split.unwrapped_critic).items()
+    )
+    assert critic_moved  # the shared gradients reached the optimizer
+
+
+def test_a_critic_process_run_resumes_into_the_uninterrupted_run(tokenizer, tmp_path, one_thread_each):
+    straight = run(tokenizer, tmp_path / "a", BASE, critic_process=False)
+    cfg = replace(BASE, save_every=2)
+    run(tokenizer, tmp_path / "b", cfg, critic_process=True, max_updates=2)
+    torch.manual_seed(999)  # a fresh process: other weights and RNG, all must come from the checkpoint
+    resumed = run(tokenizer, tmp_path / "b", cfg, critic_process=True, model_seed=7)
+    assert resumed.update == 4
+    assert_same_run(straight, resumed, tmp_path / "a", tmp_path / "b")
+
+
+def test_distributed_runs_refuse_the_critic_process():
+    with pytest.raises(ValueError, match="ppo.critic_process=false"):
+        check_ppo(replace(BASE, critic_process=True), num_processes=2)
+
+
+def test_the_worker_exits_when_its_trainer_is_killed(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys, time, torch
+        from transformers import LlamaConfig, LlamaForSequenceClassification
+        from rlhf.ppo.critic_process import CriticProcess
+        from rlhf.ppo.trainer import ValueHead
+
+        config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_labels=1)
+        worker = CriticProcess(ValueHead(LlamaForSequenceClassification(config)), threads=1,
+                               cliprange_value=0.2, forward_batch_size=4, autocast_dtype=None)
+        ids = torch.ones(2, 5, dtype=torch.long)
+        worker.start_values(ids, torch.ones_like(ids), torch.ones(2, 3, dtype=torch.bool), 2)
+        assert worker.result().shape == (2, 3)
+        print(worker._process.pid, flush=True)
+        time.sleep(600)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}") and not _zombie(pid):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}") or _zombie(pid), "the critic process outlived its trainer"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
