@@ -18,7 +18,9 @@ Single-process runs only: under DDP/FSDP the critic's gradients are all-reduced 
 from __future__ import annotations
 
 import contextlib
+import sys
 import traceback
+import types
 
 import torch
 import torch.multiprocessing as mp
@@ -124,6 +126,18 @@ def _step(
     return stats
 
 
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Spawn re-imports the parent's `__main__` in the child unless it is hidden: a user's training script without
+    an `if __name__ == "__main__":` guard would run again there. The worker needs none of it."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 class CriticProcess:
     """A worker process that runs the critic's passes on the critic's own (shared) parameters and gradients.
 
@@ -155,7 +169,8 @@ class CriticProcess:
         self._process = ctx.Process(
             target=_serve, args=(child, value_model, self.grads, threads, settings), daemon=True
         )
-        self._process.start()
+        with _main_module_hidden():
+            self._process.start()
         child.close()
         self._pending = False
 

@@ -261,7 +261,7 @@ class PPOTrainer:
         """With ppo.critic_process, the worker that runs the critic's passes; this process's threads split with it."""
         if not self.cfg.critic_process:
             return None
-        threads = torch.get_num_threads()
+        self._threads_before = threads = torch.get_num_threads()
         worker_threads = max(1, threads // 2)
         torch.set_num_threads(max(1, threads - worker_threads))
         log.info(
@@ -279,10 +279,11 @@ class PPOTrainer:
         )
 
     def close(self) -> None:
-        """Stop the critic process, if any (a finished trainer's models stay usable)."""
+        """Stop the critic process, if any, and give this process its threads back (the models stay usable)."""
         if self.critic_process is not None:
             self.critic_process.close()
             self.critic_process = None
+            torch.set_num_threads(self._threads_before)
 
     def _adamw(self, model: nn.Module, lr: float) -> torch.optim.AdamW:
         """AdamW over the trainable parameters; the fused kernel (one op per step, not ~10 per tensor) on CPU/CUDA."""

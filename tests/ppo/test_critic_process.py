@@ -87,9 +87,12 @@ def test_distributed_runs_refuse_the_critic_process():
         check_ppo(replace(BASE, critic_process=True), num_processes=2)
 
 
-def test_the_worker_exits_when_its_trainer_is_killed(tmp_path):
-    script = textwrap.dedent(
-        """
+def test_an_unguarded_script_starts_the_worker_once_and_the_worker_exits_when_the_script_is_killed(tmp_path):
+    """A user's script without `if __name__ == "__main__":` (spawn would re-run it in the child), killed with -9."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            """
         import sys, time, torch
         from transformers import LlamaConfig, LlamaForSequenceClassification
         from rlhf.ppo.critic_process import CriticProcess
@@ -105,8 +108,9 @@ def test_the_worker_exits_when_its_trainer_is_killed(tmp_path):
         print(worker._process.pid, flush=True)
         time.sleep(600)
         """
+        )
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     pid = int(proc.stdout.readline())
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -153,6 +153,20 @@ def test_lora_stage_saves_a_merged_plain_model(tmp_path, setup):
     assert not any("lora" in k for k in policy.state_dict())
 
 
+def test_a_lora_critic_trains_in_its_own_process_and_the_stage_gives_the_threads_back(tmp_path, setup):
+    cfg, sft, reward = setup
+    cfg.model.lora.r = 4
+    cfg.ppo.critic_process = True
+    threads = torch.get_num_threads()
+    result = ppo.run(cfg, context(tmp_path, {"sft": sft, "reward": reward}))
+    assert torch.get_num_threads() == threads
+    critic = AutoModelForSequenceClassification.from_pretrained(result.artifact / "critic").state_dict()
+    start = AutoModelForSequenceClassification.from_pretrained(reward).state_dict()
+    moved = {k for k in critic if not torch.equal(critic[k], start[k])}
+    assert moved and all("q_proj" in k or "v_proj" in k or k == "score.weight" for k in moved), moved
+    assert result.metrics["updates"] == 2
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_run_the_stage_through_the_cli(tmp_path, setup):
     """`torchrun --nproc_per_node 2 -m rlhf stages=[ppo]`: two gloo processes share one global batch."""
