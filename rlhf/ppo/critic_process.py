@@ -1,16 +1,16 @@
-"""The critic's forward and backward passes in a process of their own, in parallel with the policy's (`ppo.critic_process`).
+"""The critic's training in a process of its own, in parallel with the policy's (`ppo.critic_process`).
 
 On a CPU the policy's and the critic's passes are small ops that each keep one core busy with per-op work; two
 threads of one process barely overlap them (the GIL), two processes do. The split is the one OpenRLHF makes across
 GPUs (actor and critic on workers of their own), at the level where it pays on one machine:
 
-- the critic's parameters and gradients live in shared memory. The worker reads the weights and accumulates the
-  gradients of the value loss into the shared `.grad` tensors;
-- the main process keeps everything else: the critic's optimizer, its clipping, learning-rate schedule and
-  checkpoints, exactly as without the worker. So a run with and without it takes the same steps (bit for bit at one
-  thread each) and resumes from the same checkpoints;
+- the worker runs the critic's forward and backward passes, clips its gradients and takes its AdamW steps, while
+  the main process does the same for the policy;
+- the critic's parameters and AdamW state live in shared memory, held by the main process's optimizer too: its
+  learning-rate schedule, checkpoints and resume work as without the worker, and a run takes the same steps with and
+  without it (bit for bit at one thread each);
 - per update the worker gets the rollout once (and computes its values while the main process scores it and runs the
-  reference); per minibatch only the episode indices travel.
+  reference); per minibatch only the episode indices and the learning rate travel.
 
 Single-process runs only: under DDP/FSDP the critic's gradients are all-reduced by its prepared module.
 """
@@ -48,18 +48,10 @@ def critic_micro_loss(
     return loss, {"loss/value_avg": loss.detach(), "val/clipfrac_avg": stats["clipfrac"]}
 
 
-def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def _serve(conn, value_model: nn.Module, grads: list[torch.Tensor], threads: int, settings: dict) -> None:
+def _serve(conn, value_model: nn.Module, threads: int, settings: dict) -> None:
     """The worker's loop: one request in, one reply out, until the main process closes the pipe (or dies)."""
     torch.set_num_threads(threads)
-    trainable = [p for p in value_model.parameters() if p.requires_grad]
-    for p, g in zip(trainable, grads):
-        p.grad = g  # shared: backward accumulates where the main process's optimizer reads
-    autocast = _autocast(settings["autocast_dtype"])
-    rollout: dict[str, torch.Tensor] = {}
+    worker = _Worker(value_model, settings)
     while True:
         try:
             op, args = conn.recv()
@@ -69,61 +61,80 @@ def _serve(conn, value_model: nn.Module, grads: list[torch.Tensor], threads: int
             if op == "close":
                 conn.send(("ok", None))
                 return
-            if op == "values":
-                rollout = dict(args)
-                conn.send(("ok", _values(value_model, rollout, autocast, settings["forward_batch_size"])))
-            elif op == "targets":
-                rollout.update(args)
-                conn.send(("ok", None))
-            elif op == "step":
-                conn.send(("ok", _step(value_model, rollout, *args, autocast, settings["cliprange_value"])))
+            conn.send(("ok", getattr(worker, op)(*args)))
         except Exception:  # noqa: BLE001 - reported to the main process, which raises it
             conn.send(("error", traceback.format_exc()))
 
 
-@torch.no_grad()
-def _values(
-    value_model: nn.Module, rollout: dict, autocast: contextlib.AbstractContextManager, batch_size: int
-) -> torch.Tensor:
-    qr, mask, Q = rollout["query_responses"], rollout["attention_mask"], rollout["context_length"]
-    parts = []
-    for i in range(0, len(qr), batch_size):
-        with autocast:
-            parts.append(value_model(qr[i : i + batch_size], mask[i : i + batch_size])[:, Q - 1 : -1].float())
-    return torch.cat(parts).masked_fill(~rollout["action_mask"], 0.0)
+class _Worker:
+    """The critic's side: its passes, gradient clipping and optimizer step, on parameters and optimizer state that
+    live in shared memory (the main process checkpoints them)."""
+
+    def __init__(self, value_model: nn.Module, settings: dict) -> None:
+        self.model = value_model
+        self.trainable = [p for p in value_model.parameters() if p.requires_grad]
+        hyper = settings["optimizer"]
+        self.optimizer = torch.optim.AdamW(self.trainable, fused=hyper.get("fused"))
+        self.optimizer.param_groups[0].update(hyper)
+        self.autocast = _autocast(settings["autocast_dtype"])
+        self.settings = settings
+        self.rollout: dict = {}
+        self.state_shared = False  # the optimizer state is handed to the main process once it exists
+
+    @torch.no_grad()
+    def values(self, rollout: dict) -> torch.Tensor:
+        self.rollout = dict(rollout)
+        qr, mask, Q = rollout["query_responses"], rollout["attention_mask"], rollout["context_length"]
+        n, parts = self.settings["forward_batch_size"], []
+        for i in range(0, len(qr), n):
+            with self.autocast:
+                parts.append(self.model(qr[i : i + n], mask[i : i + n])[:, Q - 1 : -1].float())
+        return torch.cat(parts).masked_fill(~rollout["action_mask"], 0.0)
+
+    def targets(self, values: torch.Tensor, returns: torch.Tensor) -> None:
+        self.rollout.update(values=values, returns=returns)
+
+    def step(self, micro_batches: list[tuple[list[int], float]], vf_coef: float, lr: float) -> dict:
+        """One optimizer step on a minibatch's value loss, accumulated a micro-batch at a time (each weighted by its
+        share of the minibatch's action tokens), as the trainer steps in-process. Returns the weighted stats, a
+        non-finite loss (reported before its backward) and, after the first step, the optimizer's new state."""
+        ro, stats = self.rollout, {}
+        for idx, weight in micro_batches:
+            index = torch.tensor(idx)
+            loss, out = critic_micro_loss(
+                self.model,
+                ro["query_responses"][index],
+                ro["attention_mask"][index],
+                ro["context_length"],
+                ro["values"][index],
+                ro["returns"][index],
+                ro["action_mask"][index],
+                self.settings["cliprange_value"],
+                self.autocast,
+            )
+            if not torch.isfinite(loss):
+                return {"nonfinite": loss.detach()}
+            (vf_coef * loss * weight).backward()
+            for name, value in out.items():
+                stats[name] = stats.get(name, 0.0) + value * weight
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings["max_grad_norm"])
+        self.optimizer.param_groups[0]["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.state_shared:
+            self.state_shared = True
+            stats["optimizer_state"] = [self.optimizer.state[p] for p in self.trainable]  # shared by pickling
+        return stats
+
+    def optimizer_state(self, states: list[dict]) -> None:
+        """The main process's (resumed) optimizer state, shared: the steps from here on update it in place."""
+        for p, state in zip(self.trainable, states):
+            self.optimizer.state[p] = state
+        self.state_shared = True
 
 
-def _step(
-    value_model: nn.Module,
-    rollout: dict,
-    micro_batches: list[tuple[list[int], float]],
-    vf_coef: float,
-    autocast: contextlib.AbstractContextManager,
-    cliprange_value: float | None,
-) -> dict:
-    """Accumulate the gradients of one minibatch's value loss (a micro-batch at a time, each weighted by its share
-    of the minibatch's action tokens) into the shared `.grad`s; returns the weighted stats and whether every
-    micro-batch's loss was finite (a NaN is reported before its backward, as the trainer does in-process)."""
-    stats: dict[str, torch.Tensor] = {}
-    for idx, weight in micro_batches:
-        index = torch.tensor(idx)
-        loss, out = critic_micro_loss(
-            value_model,
-            rollout["query_responses"][index],
-            rollout["attention_mask"][index],
-            rollout["context_length"],
-            rollout["values"][index],
-            rollout["returns"][index],
-            rollout["action_mask"][index],
-            cliprange_value,
-            autocast,
-        )
-        if not torch.isfinite(loss):
-            return {"nonfinite": loss.detach()}
-        (vf_coef * loss * weight).backward()
-        for name, value in out.items():
-            stats[name] = stats.get(name, 0.0) + value * weight
-    return stats
+def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -139,42 +150,43 @@ def _main_module_hidden():
 
 
 class CriticProcess:
-    """A worker process that runs the critic's passes on the critic's own (shared) parameters and gradients.
+    """A worker process that trains the critic: its passes, clipping and AdamW steps, on shared parameters and a
+    shared optimizer state that this process's `optimizer` (the trainer's, for checkpoints) also holds.
 
-    `start_*` send a request and return at once; the matching `result` waits for the reply, so the main process
-    works on the policy in between. One request is in flight at a time.
+    `start_*` send a request and return at once; `result` waits for its reply, so this process works on the policy in
+    between. One request is in flight at a time.
     """
 
     def __init__(
         self,
         value_model: nn.Module,
+        optimizer: torch.optim.Optimizer,
         *,
         threads: int,
         cliprange_value: float | None,
+        max_grad_norm: float,
         forward_batch_size: int,
         autocast_dtype: torch.dtype | None,
     ) -> None:
-        trainable = [p for p in value_model.parameters() if p.requires_grad]
+        self.optimizer = optimizer
+        self.trainable = [p for p in value_model.parameters() if p.requires_grad]
         value_model.share_memory()
-        self.grads = [torch.zeros_like(p).share_memory_() for p in trainable]
-        for p, g in zip(trainable, self.grads):
-            p.grad = g
         settings = {
             "cliprange_value": cliprange_value,
+            "max_grad_norm": max_grad_norm,
             "forward_batch_size": forward_batch_size,
             "autocast_dtype": autocast_dtype,
+            "optimizer": {k: v for k, v in optimizer.param_groups[0].items() if k != "params"},
         }
         ctx = mp.get_context("spawn")  # not fork: a forked copy of a process with OpenMP threads can deadlock
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(
-            target=_serve, args=(child, value_model, self.grads, threads, settings), daemon=True
-        )
+        self._process = ctx.Process(target=_serve, args=(child, value_model, threads, settings), daemon=True)
         with _main_module_hidden():
             self._process.start()
         child.close()
         self._pending = False
 
-    def _send(self, op: str, args) -> None:
+    def _send(self, op: str, *args) -> None:
         assert not self._pending, "one request at a time"
         self._conn.send((op, args))
         self._pending = True
@@ -190,6 +202,9 @@ class CriticProcess:
             ) from None
         if status == "error":
             raise RuntimeError(f"the critic process failed:\n{value}")
+        if isinstance(value, dict) and "optimizer_state" in value:
+            for p, state in zip(self.trainable, value.pop("optimizer_state")):
+                self.optimizer.state[p] = state
         return value
 
     def start_values(
@@ -200,32 +215,36 @@ class CriticProcess:
         context_length: int,
     ) -> None:
         """V(s_t) of the rollout's response tokens, (B, R) with 0 off the action tokens: `result()`."""
-        self._send(
-            "values",
-            {
-                "query_responses": query_responses,
-                "attention_mask": attention_mask,
-                "action_mask": action_mask,
-                "context_length": context_length,
-            },
-        )
+        rollout = {
+            "query_responses": query_responses,
+            "attention_mask": attention_mask,
+            "action_mask": action_mask,
+            "context_length": context_length,
+        }
+        self._send("values", rollout)
 
     def set_targets(self, values: torch.Tensor, returns: torch.Tensor) -> None:
         """The update's old values and returns (B, R), for the minibatch steps that follow."""
-        self._send("targets", {"values": values, "returns": returns})
+        self._send("targets", values, returns)
         self.result()
 
     def start_step(self, micro_batches: list[tuple[list[int], float]], vf_coef: float) -> None:
-        """Accumulate one minibatch's value-loss gradients (the grads must be zero, or hold what should be added):
-        `result()` gives its stats."""
-        self._send("step", (micro_batches, vf_coef))
+        """One clipped AdamW step of the critic on a minibatch ((episode indices, weight) per micro-batch), at the
+        optimizer's current learning rate: `result()` gives its stats."""
+        self._send("step", micro_batches, vf_coef, self.optimizer.param_groups[0]["lr"])
+
+    def share_optimizer_state(self) -> None:
+        """After this process loaded the optimizer's state (a resume): the worker continues from it."""
+        if self.trainable and self.trainable[0] in self.optimizer.state:
+            self._send("optimizer_state", [self.optimizer.state[p] for p in self.trainable])
+            self.result()
 
     def close(self) -> None:
         if self._process.is_alive():
             with contextlib.suppress(OSError, EOFError, BrokenPipeError):
                 if self._pending:
                     self.result()
-                self._send("close", None)
+                self._send("close")
                 self.result()
             self._process.join(timeout=10)
         if self._process.is_alive():

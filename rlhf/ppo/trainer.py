@@ -28,6 +28,7 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -272,8 +273,10 @@ class PPOTrainer:
         mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.acc.mixed_precision))
         return CriticProcess(
             self.value_model,
+            self.critic_opt.optimizer,
             threads=worker_threads,
             cliprange_value=self.cfg.cliprange_value,
+            max_grad_norm=self.cfg.max_grad_norm,
             forward_batch_size=self.cfg.forward_batch_size,
             autocast_dtype=mixed,
         )
@@ -417,7 +420,12 @@ class PPOTrainer:
         self.kl_ctl.update(self._mean(k1.mean()), cfg.batch_size)
         self.policy_sched.step()
         if self.critic_sched is not None:
-            self.critic_sched.step()
+            with warnings.catch_warnings():
+                if (
+                    self.critic_process is not None
+                ):  # the worker steps the shared state; this optimizer only schedules
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
+                self.critic_sched.step()
         self.episodes += cfg.batch_size
         # metrics: (sum, count) per name, so the reduced value is the mean over every process's episodes
         n = len(ro)
@@ -616,9 +624,7 @@ class PPOTrainer:
         size = cfg.micro_batch_size or len(idx)
         starts = list(range(0, len(idx), size))
         stats: dict[str, torch.Tensor] = {}
-        if (
-            self.critic_process is not None
-        ):  # the value loss's passes run there, in parallel with the policy's below
+        if self.critic_process is not None:  # the critic's step runs there, beside the policy's below
             parts = [slice(start, start + size) for start in starts]
             weights = [(mask[part].sum() / total).item() for part in parts]
             self.critic_process.start_step(
@@ -637,6 +643,9 @@ class PPOTrainer:
                 self.acc.backward(loss * weight)
             for name, value in out.items():
                 stats[name] = stats.get(name, 0.0) + value * weight
+        self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        self.policy_opt.step()
+        self.policy_opt.zero_grad(set_to_none=True)
         if self.critic_process is not None:
             critic_stats = self.critic_process.result()
             if "nonfinite" in critic_stats:
@@ -644,14 +653,10 @@ class PPOTrainer:
                     "loss", critic_stats["nonfinite"], "lower ppo.learning_rate or check rewards"
                 )
             stats.update(critic_stats)
-        self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-        self.policy_opt.step()
-        self.policy_opt.zero_grad(set_to_none=True)
-        if self.value_model is not None:
+        elif self.value_model is not None:
             self.acc.clip_grad_norm_(self.value_model.parameters(), cfg.max_grad_norm)
             self.critic_opt.step()
-            # the critic process's gradients are shared tensors: zeroed in place, never dropped
-            self.critic_opt.zero_grad(set_to_none=self.critic_process is None)
+            self.critic_opt.zero_grad(set_to_none=True)
         return stats
 
     def _micro_loss(
@@ -849,6 +854,8 @@ class PPOTrainer:
                 "resuming with %d updates in all (checkpoint: %s)", self.num_updates, meta.get("num_updates")
             )
         self.update, self.episodes = int(meta["update"]), int(meta["episodes"])
+        if self.critic_process is not None:
+            self.critic_process.share_optimizer_state()
         self.run_id = self.run_id or meta.get("wandb_run_id")
         self.last_checkpoint = checkpoint
         if self.acc.is_main_process and self.history_path.exists():

@@ -100,8 +100,9 @@ def test_an_unguarded_script_starts_the_worker_once_and_the_worker_exits_when_th
 
         config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                              num_attention_heads=2, num_labels=1)
-        worker = CriticProcess(ValueHead(LlamaForSequenceClassification(config)), threads=1,
-                               cliprange_value=0.2, forward_batch_size=4, autocast_dtype=None)
+        critic = ValueHead(LlamaForSequenceClassification(config))
+        worker = CriticProcess(critic, torch.optim.AdamW(critic.parameters()), threads=1, cliprange_value=0.2,
+                               max_grad_norm=1.0, forward_batch_size=4, autocast_dtype=None)
         ids = torch.ones(2, 5, dtype=torch.long)
         worker.start_values(ids, torch.ones_like(ids), torch.ones(2, 3, dtype=torch.bool), 2)
         assert worker.result().shape == (2, 3)
