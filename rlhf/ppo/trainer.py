@@ -259,16 +259,18 @@ class PPOTrainer:
             )
 
     def _start_critic_process(self) -> CriticProcess | None:
-        """With ppo.critic_process, the worker that runs the critic's passes; this process's threads split with it."""
+        """With ppo.critic_process, the worker that trains the critic. It gets half of this process's CPU threads (at
+        least one), and this process gives them up while the worker runs (`_sharing_threads`)."""
         if not self.cfg.critic_process:
             return None
-        self._threads_before = threads = torch.get_num_threads()
+        threads = torch.get_num_threads()
         worker_threads = max(1, threads // 2)
-        torch.set_num_threads(max(1, threads - worker_threads))
+        self._threads_shared = max(1, threads - worker_threads)
         log.info(
-            "[ppo] critic in its own process: %d CPU thread(s) there, %d here",
+            "[ppo] critic in its own process: %d CPU thread(s) there, %d here while it runs (%d otherwise)",
             worker_threads,
-            torch.get_num_threads(),
+            self._threads_shared,
+            threads,
         )
         mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.acc.mixed_precision))
         return CriticProcess(
@@ -282,11 +284,24 @@ class PPOTrainer:
         )
 
     def close(self) -> None:
-        """Stop the critic process, if any, and give this process its threads back (the models stay usable)."""
+        """Stop the critic process, if any (the models stay usable)."""
         if self.critic_process is not None:
             self.critic_process.close()
             self.critic_process = None
-            torch.set_num_threads(self._threads_before)
+
+    @contextlib.contextmanager
+    def _sharing_threads(self):
+        """This process's CPU threads cut to its share while the critic process works beside it (the scoring and the
+        update); the rollout, where the worker idles, keeps them all. Compute-bound models lose nothing to the split."""
+        if self.critic_process is None:
+            yield
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self._threads_shared)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     def _adamw(self, model: nn.Module, lr: float) -> torch.optim.AdamW:
         """AdamW over the trainable parameters; the fused kernel (one op per step, not ~10 per tensor) on CPU/CUDA."""
@@ -391,10 +406,11 @@ class PPOTrainer:
             )
         # 2. score: the rubric's weighted components per token (env rewards at turn ends, the others at the last
         #    token); components: {name: (B,)} unweighted, for the metrics
-        token_scores, scores, model_scores, components = self._score(ro)  # (B, R), (B,), (B,) | None
-        # 3. reference log-probabilities and values of the sampled tokens
-        ref_logprobs = self._ref_logprobs(ro)  # (B, R)
-        values = self._values(ro)  # (B, R)
+        with self._sharing_threads():
+            token_scores, scores, model_scores, components = self._score(ro)  # (B, R), (B,), (B,) | None
+            # 3. reference log-probabilities and values of the sampled tokens
+            ref_logprobs = self._ref_logprobs(ro)  # (B, R)
+            values = self._values(ro)  # (B, R)
         t2 = time.perf_counter()
         # 4. rewards = score - kl_coef * kl, per token (ppo.kl_in=reward); with kl_in=loss the score alone, and
         #    kl_coef * KL is a term of the policy loss (step 6)
@@ -413,7 +429,8 @@ class PPOTrainer:
             self.critic_process.set_targets(values, returns)
         # 6. num_ppo_epochs x num_mini_batches: clipped policy loss (+ KL with kl_in=loss), clipped value loss,
         #    clipped gradients, step
-        stats = self._optimize(ro, advantages, returns, values, ref_logprobs)
+        with self._sharing_threads():
+            stats = self._optimize(ro, advantages, returns, values, ref_logprobs)
         t3 = time.perf_counter()
 
         k1 = torch.where(mask, ro.logprobs - ref_logprobs, 0.0).sum(1)  # (B,) sequence KL, TRL's objective/kl

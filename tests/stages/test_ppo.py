@@ -153,7 +153,7 @@ def test_lora_stage_saves_a_merged_plain_model(tmp_path, setup):
     assert not any("lora" in k for k in policy.state_dict())
 
 
-def test_a_lora_critic_trains_in_its_own_process_and_the_stage_gives_the_threads_back(tmp_path, setup):
+def test_a_lora_critic_trains_in_its_own_process_and_the_threads_come_back(tmp_path, setup):
     cfg, sft, reward = setup
     cfg.model.lora.r = 4
     cfg.ppo.critic_process = True
