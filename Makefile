@@ -47,6 +47,7 @@ bench: $(STAMP) smollm2
 	$(BIN)/python benchmarks/time_to_quality.py --json benchmarks/results/time_to_quality.json
 	$(BIN)/python benchmarks/real_model.py --json benchmarks/results/real_model.json
 	$(BIN)/python benchmarks/scaling.py --json benchmarks/results/scaling.json
+	$(BIN)/python benchmarks/critic_process.py --updates 5 --json benchmarks/results/critic_process.json
 	$(BIN)/python benchmarks/ppo.py
 	$(BIN)/python benchmarks/summary.py benchmarks/results
 

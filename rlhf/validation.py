@@ -193,16 +193,23 @@ def check_numbers(cfg: RLHFConfig, stages: list[str]) -> None:
 
 
 def check_model_and_device(cfg: RLHFConfig, stages: list[str]) -> None:
-    """model=hf needs a location; cuda needs a GPU; float16 needs a GPU (mixed precision with loss scaling)."""
+    """model=hf needs a location; cuda needs a GPU; float16 needs a GPU (mixed precision with loss scaling);
+    ppo.critic_process needs the CPU."""
     if cfg.model.kind == "hf" and not cfg.model.name_or_path:
         raise ValueError("model=hf needs model.name_or_path=<hub id or save_pretrained directory>")
-    if cfg.device == "cuda" or cfg.model.dtype == "float16":  # these two need torch to check
+    critic_process = "ppo" in stages and cfg.ppo.critic_process
+    if cfg.device != "cpu" or cfg.model.dtype == "float16" or critic_process:  # these need torch to check
         from rlhf.models import resolve_device
 
         device = resolve_device(cfg.device)
         if cfg.model.dtype == "float16" and device.type == "cpu":
             raise ValueError(
                 "model.dtype=float16 needs a GPU (mixed precision with loss scaling); use bfloat16 on CPU"
+            )
+        if critic_process and device.type != "cpu":
+            raise ValueError(
+                f"ppo.critic_process overlaps the critic with the policy on CPU cores; on device={device.type} "
+                "set ppo.critic_process=false"
             )
 
 

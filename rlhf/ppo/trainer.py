@@ -263,6 +263,11 @@ class PPOTrainer:
         least one), and this process gives them up while the worker runs (`_sharing_threads`)."""
         if not self.cfg.critic_process:
             return None
+        if self.acc.device.type != "cpu":
+            raise ValueError(
+                f"ppo.critic_process overlaps the critic with the policy on CPU cores; on {self.acc.device.type} "
+                "set ppo.critic_process=false"
+            )
         threads = torch.get_num_threads()
         worker_threads = max(1, threads // 2)
         self._threads_shared = max(1, threads - worker_threads)
@@ -292,7 +297,7 @@ class PPOTrainer:
     @contextlib.contextmanager
     def _sharing_threads(self):
         """This process's CPU threads cut to its share while the critic process works beside it (the scoring and the
-        update); the rollout, where the worker idles, keeps them all. Compute-bound models lose nothing to the split."""
+        update); the rollout, where the worker idles, keeps them all."""
         if self.critic_process is None:
             yield
             return
@@ -438,9 +443,8 @@ class PPOTrainer:
         self.policy_sched.step()
         if self.critic_sched is not None:
             with warnings.catch_warnings():
-                if (
-                    self.critic_process is not None
-                ):  # the worker steps the shared state; this optimizer only schedules
+                # with a critic process the worker steps the shared state; this optimizer only schedules it
+                if self.critic_process is not None:
                     warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
                 self.critic_sched.step()
         self.episodes += cfg.batch_size

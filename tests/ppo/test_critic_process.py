@@ -15,7 +15,8 @@ import pytest
 import torch
 from test_trainer import BASE, TIMING, history, make_trainer, params
 
-from rlhf.validation import check_ppo
+from rlhf.cli import compose
+from rlhf.validation import check_ppo, validate
 
 
 @pytest.fixture
@@ -82,9 +83,17 @@ def test_a_critic_process_run_resumes_into_the_uninterrupted_run(tokenizer, tmp_
     assert_same_run(straight, resumed, tmp_path / "a", tmp_path / "b")
 
 
-def test_distributed_runs_refuse_the_critic_process():
+def test_distributed_and_gpu_runs_refuse_the_critic_process(monkeypatch):
     with pytest.raises(ValueError, match="ppo.critic_process=false"):
         check_ppo(replace(BASE, critic_process=True), num_processes=2)
+    cfg = compose(["ppo.critic_process=true", "device=cuda"])
+    monkeypatch.setattr(
+        "rlhf.models.resolve_device", lambda name: torch.device("cuda")
+    )  # as on a GPU machine
+    with pytest.raises(ValueError, match="on device=cuda set ppo.critic_process=false"):
+        validate(cfg)
+    cfg.ppo.critic_process = False
+    validate(cfg)
 
 
 def test_an_unguarded_script_starts_the_worker_once_and_the_worker_exits_when_the_script_is_killed(tmp_path):

