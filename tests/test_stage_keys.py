@@ -36,6 +36,7 @@ def test_the_same_config_gives_the_same_keys():
         "ppo.samples_every=1",
         "ppo.save_every=1",
         "ppo.resume=false",
+        "ppo.critic_process=true",  # a checkpoint of either resumes in the other (tests/ppo/test_critic_process.py)
     ],
 )
 def test_logging_and_cadence_settings_change_no_key(override):

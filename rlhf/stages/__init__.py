@@ -95,8 +95,16 @@ _RUN_ENVIRONMENT = ("task", "model", "seed", "device")
 _OTHER_DATA = {"sft": "task.num_preferences", "reward": "task.num_demonstrations"}
 _PPO_ONLY = "task.rubric"
 """The reward rubric shapes PPO's score only: SFT and the reward model do not depend on it."""
-_PPO_CADENCE = ("ppo.log_every", "ppo.console_every", "ppo.samples_every", "ppo.save_every", "ppo.resume")
-"""PPO settings that change how often it logs or checkpoints, or whether it resumes: never its result."""
+_PPO_CADENCE = (
+    "ppo.log_every",
+    "ppo.console_every",
+    "ppo.samples_every",
+    "ppo.save_every",
+    "ppo.resume",
+    "ppo.critic_process",
+)
+"""PPO settings that change how often it logs or checkpoints, whether it resumes, or where the critic trains (the
+same steps: bit for bit at one thread per process, as `num_threads` elsewhere): never its result."""
 
 REGISTRY: dict[str, Stage] = {
     "sft": Stage(
