@@ -73,12 +73,15 @@ def test_the_critic_process_takes_the_in_process_critics_steps_bit_for_bit(
     assert critic_moved  # the shared gradients reached the optimizer
 
 
-def test_a_critic_process_run_resumes_into_the_uninterrupted_run(tokenizer, tmp_path, one_thread_each):
+@pytest.mark.parametrize(("first", "then"), [(True, True), (False, True), (True, False)])
+def test_a_checkpoint_resumes_into_the_uninterrupted_run_with_or_without_the_critic_process(
+    tokenizer, tmp_path, one_thread_each, first, then
+):
     straight = run(tokenizer, tmp_path / "a", BASE, critic_process=False)
     cfg = replace(BASE, save_every=2)
-    run(tokenizer, tmp_path / "b", cfg, critic_process=True, max_updates=2)
+    run(tokenizer, tmp_path / "b", cfg, critic_process=first, max_updates=2)
     torch.manual_seed(999)  # a fresh process: other weights and RNG, all must come from the checkpoint
-    resumed = run(tokenizer, tmp_path / "b", cfg, critic_process=True, model_seed=7)
+    resumed = run(tokenizer, tmp_path / "b", cfg, critic_process=then, model_seed=7)
     assert resumed.update == 4
     assert_same_run(straight, resumed, tmp_path / "a", tmp_path / "b")
 
