@@ -26,6 +26,7 @@ from typing import Any
 
 import gymnasium
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.formatting import ChatFormat
@@ -140,8 +141,8 @@ def response_logits(
 def output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The model's LM head when its logits are exactly head(last hidden state), else None.
 
-    Models that scale or soft-cap their logits after the head (Gemma 2, Cohere, Granite), or whose head is not a
-    plain Linear (an adapted or quantized one), return None and are scored from their full logits.
+    Models that scale or soft-cap their logits after the head (Gemma 2, Cohere, Granite), whose head is not a
+    plain Linear (an adapted or quantized one) or is sharded (FSDP), return None and are scored from their full logits.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = getattr(base, "config", None)
@@ -149,7 +150,9 @@ def output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
         if getattr(cfg, name, None) not in (None, 1.0):
             return None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    return head if type(head) is torch.nn.Linear else None
+    if type(head) is not torch.nn.Linear or isinstance(head.weight, DTensor):
+        return None  # a DTensor: FSDP's shard of the weight, whole only inside the model's own forward
+    return head
 
 
 def response_logprobs(

@@ -11,7 +11,9 @@ does for ZeRO-3 in TRL's `unwrap_model_for_generation`.
 
 The policy and the critic are two prepared models of one Accelerator (one plugin, one device mesh, one
 `save_state`): accelerate's FSDP2 `prepare` takes one model (with its optimizer) per call ("Only one model is
-supported when using FSDP2"). The frozen reference and reward model are not prepared: each process holds them whole.
+supported when using FSDP2"). The frozen reference and reward model are not prepared (a checkpoint does not need
+them): under FSDP2 `shard_frozen` shards them with torch's `fully_shard` directly, so each process holds 1/N of them
+too, and their scoring forwards gather a block at a time. Under FSDP1 each process holds them whole.
 
 Without FSDP (single process, DDP) both functions do nothing: `gathered` yields the unwrapped model and
 `full_state_dict` returns None (the model's own `state_dict` is already whole).
@@ -68,6 +70,28 @@ def gathered(acc: Accelerator, model: nn.Module) -> Iterator[nn.Module]:
             yield acc.unwrap_model(model)
     else:
         yield acc.unwrap_model(model)
+
+
+def shard_frozen(acc: Accelerator, model: nn.Module) -> nn.Module:
+    """Under FSDP2, a frozen model sharded across the processes like the prepared ones: each transformer block (the
+    model's `_no_split_modules`) and the rest, on one mesh of every process. Its forwards then all-gather one block
+    at a time, so every process must run the same number of them: the reference and reward passes split the equal
+    local batches into equal chunks. Without FSDP2 the model is returned as it is."""
+    if fsdp_version(acc) != 2:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # FSDP2 leaves the root's own parameters (embeddings, final norm, head) whole after a forward, for the backward
+    # that a frozen model never runs: free them after every forward
+    model.register_forward_hook(lambda module, args, output: module.reshard())
+    return model
 
 
 def full_state_dict(acc: Accelerator, model: nn.Module) -> dict[str, torch.Tensor] | None:

@@ -68,7 +68,7 @@ from rlhf.ppo.rollout import (
     rollout,
     sequence_logprobs,
 )
-from rlhf.ppo.sharding import full_state_dict, gathered
+from rlhf.ppo.sharding import full_state_dict, gathered, shard_frozen
 from rlhf.reward_scoring import RewardScorer
 from rlhf.rewards import Component, Episodes, build_rubric, component_values, describe, needs_reward_model
 from rlhf.rewards import token_scores as rubric_token_scores
@@ -344,13 +344,14 @@ class PPOTrainer:
             for p in low:
                 p.data = p.data.float()
 
-    @staticmethod
-    def _freeze(model: nn.Module | None, device: torch.device) -> nn.Module | None:
+    def _freeze(self, model: nn.Module | None, device: torch.device) -> nn.Module | None:
+        """A frozen model (reference, reward model) on the device, in eval mode; under FSDP2 sharded like the trained
+        ones (`sharding.shard_frozen`)."""
         if model is None:
             return None
         model.to(device).eval()
         model.requires_grad_(False)
-        return model
+        return shard_frozen(self.acc, model)
 
     @property
     def unwrapped_policy(self) -> nn.Module:

@@ -130,12 +130,16 @@ def worker(argv: list[str]) -> None:
     full_numel = {"policy": sum(p.numel() for p in policy.parameters())}
     critic = critic_from(policy)
     full_numel["critic"] = sum(p.numel() for p in critic.parameters())
+    reward_model = critic_from(reference, seed=3)  # frozen, like the reference: sharded too under FSDP2
+    full_numel["reference"] = sum(p.numel() for p in reference.parameters())
+    full_numel["reward"] = sum(p.numel() for p in reward_model.parameters())
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
         policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
         full_numel["policy"] = sum(p.numel() for p in policy.parameters())
-    cfg = replace(BASE, save_every=args.save_every)
+    # the score: the environment's reward plus the reward model's (its forward runs sharded under FSDP2)
+    cfg = replace(BASE, save_every=args.save_every, reward_source="both", model_reward_weight=0.1)
     trainer = PPOTrainer(
         cfg,
         policy,
@@ -143,6 +147,7 @@ def worker(argv: list[str]) -> None:
         ToyEnv,
         output_dir=args.output_dir,
         ref_policy=reference,
+        reward_model=reward_model,
         critic=critic,
         accelerator=acc,
     )
@@ -162,6 +167,8 @@ def worker(argv: list[str]) -> None:
         "local_numel": {
             "policy": local_numel(trainer.policy),
             "critic": local_numel(trainer.unwrapped_critic),
+            "reference": local_numel(trainer.ref_policy),
+            "reward": local_numel(trainer.reward_scorer.model),
         },
         "full_numel": full_numel,
         "digest": {"policy": policy_digest, "critic": critic_digest},
@@ -220,15 +227,17 @@ def weights(checkpoint: str | Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def assert_sharded_and_replicated(results: list[dict], world: int) -> None:
-    """Each process held ~1/world of every model; the gathered weights are the same on every process."""
+    """Each process held ~1/world of every model, frozen ones included; the gathered weights of the trained ones are
+    the same on every process."""
     assert [r["rank"] for r in results] == list(range(world))
     for r in results:
         assert r["fsdp_version"] == 2 and r["distributed_type"] == "DistributedType.FSDP", r
         assert r["prepared"] == ["FSDPLlamaForCausalLM", "FSDPValueHead"], r["prepared"]
-    for model in ("policy", "critic"):
+    for model in ("policy", "critic", "reference", "reward"):
         full = results[0]["full_numel"][model]
         local = [r["local_numel"][model] for r in results]
         assert sum(local) == full and max(local) <= full // world + 64, (model, local, full)
+    for model in ("policy", "critic"):
         assert len({r["digest"][model] for r in results}) == 1, f"{model}: processes disagree"
 
 
