@@ -6,8 +6,10 @@
 Both sides get the same work: prompts from `rlhf/Review-v0` resets, the same word-level vocabulary, the same tiny
 LlamaConfig for policy, reference, critic and reward model (fresh weights; reward_source=model), batch 64,
 16 response tokens, 4 PPO epochs x 4 minibatches (or --batch-size / --mini-batches), float32. Each side runs with
-every thread count of --threads (default 1 and 2) and is reported at its best. Each run is its own process (the
-peer with benchmarks/.venv-trl112/bin/python), so peak RSS is per side. s/update is the steady state: the first
+every thread count of --threads (default 1 and 2) and is reported at its best; ours also with ppo.critic_process at
+each thread count >= 2 (the threads split between its two processes: 1 + 1 at 2). Each run is its own process (the
+peer with benchmarks/.venv-trl112/bin/python), so peak RSS is per side (with ppo.critic_process its main process's; the
+worker shares the critic's weights). s/update is the steady state: the first
 update (warm-up) is left out. Prints a markdown table and the ratio of episodes/s; --json writes them.
 
 Measure on an idle machine: with 2 threads on 2 cores, one other busy process slows either side several-fold

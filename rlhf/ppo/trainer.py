@@ -12,6 +12,9 @@ One update (`PPOTrainer.step`) reads like the algorithm:
     6. optimise   num_ppo_epochs x num_mini_batches of clipped policy and value losses (+ kl_coef * KL with
                   kl_in=loss), clipped gradients
 
+With ppo.critic_process the critic's passes and steps (3 and 6) run in a second process beside the policy's
+(`critic_process`); call `close()` when done (the PPO stage does).
+
 The math lives in `ops`, `advantages`, `kl` and `losses` (pure tensor functions); this module only wires it.
 No Hydra and no W&B here: `config` is any object with `PPOConfig`'s fields and `tracker` anything with
 `log(metrics, step, console)` and `log_table(key, columns, rows, step)` (`rlhf.tracking.StageTracker`).
