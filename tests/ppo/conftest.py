@@ -103,3 +103,13 @@ def tiny_llama(tokenizer, seed: int = 0, eos_bias: float | None = None) -> Llama
                     head.bias[special] = -30.0
         model.lm_head = head
     return model.eval()
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state: reset it around a test that picks its own mixed precision."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

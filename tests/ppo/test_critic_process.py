@@ -16,6 +16,7 @@ import torch
 from test_trainer import BASE, TIMING, history, make_trainer, params
 
 from rlhf.cli import compose
+from rlhf.ppo.trainer import PPOTrainer
 from rlhf.validation import check_ppo, validate
 
 
@@ -139,3 +140,32 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_under_bf16_mixed_precision_the_worker_autocasts_as_the_trainer_does(
+    tokenizer, tmp_path, one_thread_each, fresh_accelerator_state
+):
+    from accelerate import Accelerator
+    from conftest import ToyEnv, tiny_llama
+    from test_trainer import critic_from
+
+    trainers = {}
+    for name, critic_process in (("serial", False), ("split", True)):
+        torch.set_num_threads(2 if critic_process else 1)
+        policy = tiny_llama(tokenizer).to(torch.bfloat16)
+        trainer = PPOTrainer(
+            replace(BASE, total_episodes=32, critic_process=critic_process),
+            policy,
+            tokenizer,
+            ToyEnv,
+            output_dir=tmp_path / name,
+            ref_policy=tiny_llama(tokenizer).to(torch.bfloat16),
+            critic=critic_from(tiny_llama(tokenizer)).to(torch.bfloat16),
+            accelerator=Accelerator(cpu=True, mixed_precision="bf16"),
+        )
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        trainers[name] = trainer
+    assert_same_run(trainers["serial"], trainers["split"], tmp_path / "serial", tmp_path / "split")

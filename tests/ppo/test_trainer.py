@@ -637,16 +637,6 @@ def test_success_rate_is_the_mean_over_the_episodes_that_report_it(tokenizer, tm
 # ---------------------------------------------------------------- precision
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state: reset it around a test that picks its own mixed precision."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.parametrize(("mixed_precision", "dtype"), [("bf16", torch.bfloat16), ("no", torch.float32)])
 def test_mixed_precision_trains_float32_weights_that_small_updates_move(
     tokenizer, tmp_path, fresh_accelerator_state, mixed_precision, dtype
