@@ -226,9 +226,9 @@ class PPOConfig:
     weight_decay: float = 0.0
     """AdamW weight decay of the policy and critic; 0 as TRL's PPO."""
     critic_process: bool = False
-    """Run the critic's forward and backward passes in a second process, in parallel with the policy's (shared
-    weights and gradients; optimizer, checkpoints and results as without it). Splits the CPU threads between the two,
-    at least one each. Single-process runs with ppo.advantage=gae only."""
+    """Train the critic (forward, backward, clipping, AdamW step) in a second process, in parallel with the policy
+    (weights and optimizer state in shared memory; checkpoints and results as without it). The CPU threads are split
+    between the two while it works, at least one each. CPU, single-process runs with ppo.advantage=gae."""
 
 
 @dataclass

@@ -198,7 +198,7 @@ def check_model_and_device(cfg: RLHFConfig, stages: list[str]) -> None:
     if cfg.model.kind == "hf" and not cfg.model.name_or_path:
         raise ValueError("model=hf needs model.name_or_path=<hub id or save_pretrained directory>")
     critic_process = "ppo" in stages and cfg.ppo.critic_process
-    if cfg.device != "cpu" or cfg.model.dtype == "float16" or critic_process:  # these need torch to check
+    if cfg.device == "cuda" or cfg.model.dtype == "float16" or critic_process:  # these need torch to check
         from rlhf.models import resolve_device
 
         device = resolve_device(cfg.device)
