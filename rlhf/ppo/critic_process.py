@@ -188,18 +188,25 @@ class CriticProcess:
 
     def _send(self, op: str, *args) -> None:
         assert not self._pending, "one request at a time"
-        self._conn.send((op, args))
+        try:
+            self._conn.send((op, args))
+        except OSError:  # a broken pipe: the worker is gone
+            raise self._died() from None
         self._pending = True
+
+    def _died(self) -> RuntimeError:
+        self._process.join(timeout=5)
+        return RuntimeError(
+            f"the critic process died (exit code {self._process.exitcode}); set ppo.critic_process=false"
+        )
 
     def result(self):
         """The reply to the request in flight (raises the worker's error as a RuntimeError)."""
         self._pending = False
         try:
             status, value = self._conn.recv()
-        except EOFError:
-            raise RuntimeError(
-                f"the critic process died (exit code {self._process.exitcode}); set ppo.critic_process=false"
-            ) from None
+        except (EOFError, OSError):
+            raise self._died() from None
         if status == "error":
             raise RuntimeError(f"the critic process failed:\n{value}")
         if isinstance(value, dict) and "optimizer_state" in value:

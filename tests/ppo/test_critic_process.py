@@ -169,3 +169,44 @@ def test_under_bf16_mixed_precision_the_worker_autocasts_as_the_trainer_does(
             trainer.close()
         trainers[name] = trainer
     assert_same_run(trainers["serial"], trainers["split"], tmp_path / "serial", tmp_path / "split")
+
+
+def test_a_failing_or_dead_worker_is_a_clear_error_in_the_trainer():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rlhf.ppo.critic_process import CriticProcess
+    from rlhf.ppo.trainer import ValueHead
+
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_labels=1,
+    )
+    critic = ValueHead(LlamaForSequenceClassification(config))
+    worker = CriticProcess(
+        critic,
+        torch.optim.AdamW(critic.parameters()),
+        threads=1,
+        cliprange_value=0.2,
+        max_grad_norm=1.0,
+        forward_batch_size=4,
+        autocast_dtype=None,
+    )
+    try:
+        worker.start_step([([0, 1], 1.0)], 0.1)  # before any rollout: the worker has nothing to train on
+        with pytest.raises(
+            RuntimeError, match="the critic process failed:(.|\n)*KeyError: 'query_responses'"
+        ):
+            worker.result()
+        worker._process.kill()
+        worker._process.join()
+        with pytest.raises(
+            RuntimeError, match=r"the critic process died \(exit code -9\); set ppo.critic_process=false"
+        ):
+            worker.start_step([([0], 1.0)], 0.1)
+            worker.result()
+    finally:
+        worker.close()
