@@ -10,7 +10,8 @@ GPUs (actor and critic on workers of their own), at the level where it pays on o
   learning-rate schedule, checkpoints and resume work as without the worker, and a run takes the same steps with and
   without it (bit for bit at one thread each);
 - per update the worker gets the rollout once (and computes its values while the main process scores it and runs the
-  reference); per minibatch only the episode indices and the learning rate travel.
+  reference); per epoch only the minibatches' episode indices and the learning rate travel, and the worker takes the
+  epoch's steps back to back while the main process takes the policy's.
 
 Single-process runs only: under DDP/FSDP the critic's gradients are all-reduced by its prepared module.
 """
@@ -126,6 +127,16 @@ class _Worker:
             stats["optimizer_state"] = [self.optimizer.state[p] for p in self.trainable]  # shared by pickling
         return stats
 
+    def steps(self, minibatches: list[list[tuple[list[int], float]]], vf_coef: float, lr: float) -> dict:
+        """`step` for each minibatch of an epoch, back to back; their stats in order (up to a non-finite loss)."""
+        done = []
+        for micro_batches in minibatches:
+            done.append(self.step(micro_batches, vf_coef, lr))
+            if "nonfinite" in done[-1]:
+                break
+        state = [d.pop("optimizer_state") for d in done if "optimizer_state" in d]
+        return {"minibatches": done, **({"optimizer_state": state[0]} if state else {})}
+
     def optimizer_state(self, states: list[dict]) -> None:
         """The main process's (resumed) optimizer state, shared: the steps from here on update it in place."""
         for p, state in zip(self.trainable, states):
@@ -235,10 +246,14 @@ class CriticProcess:
         self._send("targets", values, returns)
         self.result()
 
-    def start_step(self, micro_batches: list[tuple[list[int], float]], vf_coef: float) -> None:
-        """One clipped AdamW step of the critic on a minibatch ((episode indices, weight) per micro-batch), at the
-        optimizer's current learning rate: `result()` gives its stats."""
-        self._send("step", micro_batches, vf_coef, self.optimizer.param_groups[0]["lr"])
+    def start_steps(self, minibatches: list[list[tuple[list[int], float]]], vf_coef: float) -> None:
+        """One clipped AdamW step of the critic per minibatch of an epoch, in order ((episode indices, weight) per
+        micro-batch), at the optimizer's current learning rate: `result()` gives each minibatch's stats."""
+        self._send("steps", minibatches, vf_coef, self.optimizer.param_groups[0]["lr"])
+
+    def finish_steps(self) -> list[dict]:
+        """The stats of the minibatches `start_steps` sent, in order (the last may hold a non-finite loss)."""
+        return self.result()["minibatches"]
 
     def share_optimizer_state(self) -> None:
         """After this process loaded the optimizer's state (a resume): the worker continues from it."""

@@ -613,15 +613,34 @@ class PPOTrainer:
         stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         for _ in range(cfg.num_ppo_epochs):
             order = torch.randperm(self.local_batch_size).to(ro.query_ids.device)
+            minibatches = [
+                order[start : start + self.mini_batch_size]
+                for start in range(0, self.local_batch_size, self.mini_batch_size)
+            ]
+            if (
+                self.critic_process is not None
+            ):  # the critic's steps of the epoch run there, beside the policy's
+                plan = [
+                    [(idx[part].tolist(), w.item()) for part, w in self._micro_parts(ro, idx)]
+                    for idx in minibatches
+                ]
+                self.critic_process.start_steps(plan, cfg.vf_coef)
             epoch_kl = []
-            for start in range(0, self.local_batch_size, self.mini_batch_size):
-                idx = order[start : start + self.mini_batch_size]
+            for idx in minibatches:
                 mb = self._minibatch_step(
                     ro, idx, advantages[idx], returns[idx], values[idx], ref_logprobs[idx]
                 )
                 for name, value in mb.items():
                     stats[name].append(value)
                 epoch_kl.append(mb["policy/approxkl_avg"])
+            if self.critic_process is not None:
+                for mb in self.critic_process.finish_steps():  # each minibatch's, in order
+                    if "nonfinite" in mb:
+                        self._check_finite(
+                            "loss", mb["nonfinite"], "lower ppo.learning_rate or check rewards"
+                        )
+                    for name, value in mb.items():
+                        stats[name].append(value)
             if cfg.target_kl is not None and self._mean(torch.stack(epoch_kl).mean()) > cfg.target_kl:
                 stats["policy/early_stop"].append(torch.ones(()))
                 break
@@ -637,29 +656,19 @@ class PPOTrainer:
         old_values: torch.Tensor,
         ref_logprobs: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """One gradient step of the policy (and critic) on the episodes `idx`; tensors (b, R). Returns its stats.
+        """One gradient step of the policy (and the in-process critic) on the episodes `idx`; tensors (b, R). Returns
+        its stats.
 
         With ppo.micro_batch_size the minibatch's forward/backward runs a micro-batch at a time, each loss weighted
         by its share of the minibatch's action tokens, so the accumulated gradient (and every stat) is the whole
         minibatch's masked mean: the same step in bounded memory.
         """
         cfg = self.cfg
-        mask = ro.action_mask[idx]  # (b, R)
-        total = mask.sum().clamp(min=1)
-        size = cfg.micro_batch_size or len(idx)
-        starts = list(range(0, len(idx), size))
         stats: dict[str, torch.Tensor] = {}
-        if self.critic_process is not None:  # the critic's step runs there, beside the policy's below
-            parts = [slice(start, start + size) for start in starts]
-            weights = [(mask[part].sum() / total).item() for part in parts]
-            self.critic_process.start_step(
-                [(idx[part].tolist(), w) for part, w in zip(parts, weights)], cfg.vf_coef
-            )
-        for k, start in enumerate(starts):
-            part = slice(start, start + size)
-            weight = mask[part].sum() / total
+        parts = self._micro_parts(ro, idx)
+        for k, (part, weight) in enumerate(parts):
             # gradients are all-reduced once, in the minibatch's last backward
-            with nullcontext() if k == len(starts) - 1 else self._no_sync():
+            with nullcontext() if k == len(parts) - 1 else self._no_sync():
                 loss, out = self._micro_loss(
                     ro, idx[part], advantages[part], returns[part], old_values[part], ref_logprobs[part]
                 )
@@ -671,18 +680,19 @@ class PPOTrainer:
         self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
         self.policy_opt.step()
         self.policy_opt.zero_grad(set_to_none=True)
-        if self.critic_process is not None:
-            critic_stats = self.critic_process.result()
-            if "nonfinite" in critic_stats:
-                self._check_finite(
-                    "loss", critic_stats["nonfinite"], "lower ppo.learning_rate or check rewards"
-                )
-            stats.update(critic_stats)
-        elif self.value_model is not None:
+        if self.value_model is not None and self.critic_process is None:
             self.acc.clip_grad_norm_(self.value_model.parameters(), cfg.max_grad_norm)
             self.critic_opt.step()
             self.critic_opt.zero_grad(set_to_none=True)
         return stats
+
+    def _micro_parts(self, ro: Rollout, idx: torch.Tensor) -> list[tuple[slice, torch.Tensor]]:
+        """The micro-batches of minibatch `idx` (ppo.micro_batch_size episodes each, or the whole minibatch) and the
+        weight of each: its share of the minibatch's action tokens."""
+        mask = ro.action_mask[idx]  # (b, R)
+        total = mask.sum().clamp(min=1)
+        size = self.cfg.micro_batch_size or len(idx)
+        return [(slice(s, s + size), mask[s : s + size].sum() / total) for s in range(0, len(idx), size)]
 
     def _micro_loss(
         self,

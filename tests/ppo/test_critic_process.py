@@ -57,16 +57,24 @@ def assert_same_run(a, b, path_a, path_b):
         }
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"micro_batch_size": 3},  # uneven micro-batches: the accumulation weights matter
+        {"target_kl": 1e-9, "num_ppo_epochs": 3},  # every update stops after its first epoch
+    ],
+)
 def test_the_critic_process_takes_the_in_process_critics_steps_bit_for_bit(
-    tokenizer, tmp_path, one_thread_each
+    tokenizer, tmp_path, one_thread_each, change
 ):
-    cfg = replace(BASE, micro_batch_size=3)  # uneven micro-batches: the accumulation weights matter
+    cfg = replace(BASE, **change)
     serial = run(tokenizer, tmp_path / "serial", cfg, critic_process=False)
     split = run(tokenizer, tmp_path / "split", cfg, critic_process=True)
     assert split.critic_process is None  # closed
     assert_same_run(serial, split, tmp_path / "serial", tmp_path / "split")
     rows = history(tmp_path / "split")
     assert all(r["loss/value_avg"] > 0 and "val/clipfrac_avg" in r for r in rows)
+    assert all(r["policy/early_stop"] == ("target_kl" in change) for r in rows)
     critic_moved = any(
         not torch.equal(v, params(make_trainer(tokenizer, tmp_path / "fresh").unwrapped_critic)[k])
         for k, v in params(split.unwrapped_critic).items()
@@ -196,7 +204,7 @@ def test_a_failing_or_dead_worker_is_a_clear_error_in_the_trainer():
         autocast_dtype=None,
     )
     try:
-        worker.start_step([([0, 1], 1.0)], 0.1)  # before any rollout: the worker has nothing to train on
+        worker.start_steps([[([0, 1], 1.0)]], 0.1)  # before any rollout: the worker has nothing to train on
         with pytest.raises(
             RuntimeError, match="the critic process failed:(.|\n)*KeyError: 'query_responses'"
         ):
@@ -206,7 +214,7 @@ def test_a_failing_or_dead_worker_is_a_clear_error_in_the_trainer():
         with pytest.raises(
             RuntimeError, match=r"the critic process died \(exit code -9\); set ppo.critic_process=false"
         ):
-            worker.start_step([([0], 1.0)], 0.1)
-            worker.result()
+            worker.start_steps([[([0], 1.0)]], 0.1)
+            worker.finish_steps()
     finally:
         worker.close()
