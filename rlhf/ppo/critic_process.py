@@ -248,7 +248,7 @@ class CriticProcess:
 
     def start_steps(self, minibatches: list[list[tuple[list[int], float]]], vf_coef: float) -> None:
         """One clipped AdamW step of the critic per minibatch of an epoch, in order ((episode indices, weight) per
-        micro-batch), at the optimizer's current learning rate: `result()` gives each minibatch's stats."""
+        micro-batch), at the optimizer's current learning rate: `finish_steps()` gives each minibatch's stats."""
         self._send("steps", minibatches, vf_coef, self.optimizer.param_groups[0]["lr"])
 
     def finish_steps(self) -> list[dict]:
@@ -262,13 +262,15 @@ class CriticProcess:
             self.result()
 
     def close(self) -> None:
-        if self._process.is_alive():
-            with contextlib.suppress(OSError, EOFError, BrokenPipeError):
-                if self._pending:
-                    self.result()
-                self._send("close")
+        """Stop the worker, after the request in flight if any. Never raises: it runs while an error propagates."""
+        if self._pending:
+            with contextlib.suppress(RuntimeError):  # its failure is not this call's to report
                 self.result()
-            self._process.join(timeout=10)
+        with contextlib.suppress(RuntimeError):  # a dead worker: nothing left to stop gracefully
+            self._send("close")
+            self.result()
+        self._process.join(timeout=10)
         if self._process.is_alive():
             self._process.kill()
+            self._process.join()
         self._conn.close()
