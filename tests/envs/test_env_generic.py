@@ -141,7 +141,10 @@ def test_checker_passes_a_plain_env_and_warns_about_what_it_does_not_validate(pl
 @pytest.mark.parametrize(
     ("name", "reason"),
     [
-        ("Unseeded", "not deterministic: reset(seed=0)"),
+        (
+            "Unseeded",
+            "not deterministic: reset(seed=",
+        ),  # the first seed that shows it is chance: an unseeded draw
         (
             "NumberObservation",
             "observation 3 at turn 1 after reset(seed=0) with the random-character policy is a int",
