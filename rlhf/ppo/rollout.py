@@ -382,25 +382,31 @@ def _collate(
     B = len(episodes)
     query_ids, query_mask = left_pad([ep.query for ep in episodes], pad_id)  # (B, Q)
     R = max(len(ep.tokens) for ep in episodes)
-    response_ids = torch.full((B, R), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((B, R), dtype=torch.long)
-    action_mask = torch.zeros((B, R), dtype=torch.bool)
-    logprobs = torch.zeros((B, R), dtype=torch.float32)
+
+    def padded(
+        rows: list[list], fill, dtype: torch.dtype
+    ) -> torch.Tensor:  # (B, R): one tensor from Python lists
+        return torch.tensor([row + [fill] * (R - len(row)) for row in rows], dtype=dtype)
+
+    response_ids = padded([ep.tokens for ep in episodes], pad_id, torch.long)
+    response_mask = padded([[1] * len(ep.tokens) for ep in episodes], 0, torch.long)
+    action_mask = padded([ep.is_action for ep in episodes], False, torch.bool)
+    logprobs = padded([ep.logprobs for ep in episodes], 0.0, torch.float32)
     turn_rewards = torch.zeros((B, R), dtype=torch.float32)
     turn_ends = torch.zeros((B, R), dtype=torch.bool)
     turn_eos = torch.zeros((B, R), dtype=torch.bool)
     ended_with_eos = torch.zeros((B, max_turns), dtype=torch.bool)
-    for i, ep in enumerate(episodes):
-        n = len(ep.tokens)
-        response_ids[i, :n] = torch.tensor(ep.tokens, dtype=torch.long)
-        response_mask[i, :n] = 1
-        action_mask[i, :n] = torch.tensor(ep.is_action, dtype=torch.bool)
-        logprobs[i, :n] = torch.tensor(ep.logprobs, dtype=torch.float32)
-        for k, (pos, r, eos) in enumerate(zip(ep.turn_end_positions, ep.turn_rewards, ep.turn_eos)):
-            turn_rewards[i, pos] = r
-            turn_ends[i, pos] = True
-            turn_eos[i, pos] = eos
-            ended_with_eos[i, k] = eos
+    # turn ends: a few per episode, written in one indexed assignment per tensor
+    rows = [i for i, ep in enumerate(episodes) for _ in ep.turn_end_positions]
+    cols = [pos for ep in episodes for pos in ep.turn_end_positions]
+    turns = [k for ep in episodes for k in range(len(ep.turn_end_positions))]
+    if rows:
+        rewards = torch.tensor([r for ep in episodes for r in ep.turn_rewards], dtype=torch.float32)
+        eos = torch.tensor([e for ep in episodes for e in ep.turn_eos], dtype=torch.bool)
+        turn_rewards[rows, cols] = rewards
+        turn_ends[rows, cols] = True
+        turn_eos[rows, cols] = eos
+        ended_with_eos[rows, turns] = eos
     attention_mask = torch.cat([query_mask, response_mask], dim=1).to(device)
     query_ids, response_ids = query_ids.to(device), response_ids.to(device)
     action_mask = action_mask.to(device)
