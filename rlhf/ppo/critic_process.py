@@ -49,6 +49,28 @@ def critic_micro_loss(
     return loss, {"loss/value_avg": loss.detach(), "val/clipfrac_avg": stats["clipfrac"]}
 
 
+@torch.no_grad()
+def critic_values(
+    value_model: nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    action_mask: torch.Tensor,
+    context_length: int,
+    batch_size: int,
+    autocast: contextlib.AbstractContextManager,
+) -> torch.Tensor:
+    """V(s_t) of each response token, (B, R) float32 with 0 off the action tokens, `batch_size` episodes per forward:
+    the trainer's value pass, in-process or in the worker."""
+    parts = []
+    for i in range(0, len(query_responses), batch_size):
+        with autocast:
+            v = value_model(
+                query_responses[i : i + batch_size], attention_mask[i : i + batch_size]
+            )  # (b, Q + R)
+        parts.append(v[:, context_length - 1 : -1])
+    return torch.cat(parts).masked_fill(~action_mask, 0.0)
+
+
 def _serve(conn, value_model: nn.Module, threads: int, settings: dict) -> None:
     """The worker's loop: one request in, one reply out, until the main process closes the pipe (or dies)."""
     torch.set_num_threads(threads)
@@ -82,23 +104,25 @@ class _Worker:
         self.rollout: dict = {}
         self.state_shared = False  # the optimizer state is handed to the main process once it exists
 
-    @torch.no_grad()
     def values(self, rollout: dict) -> torch.Tensor:
         self.rollout = dict(rollout)
-        qr, mask, Q = rollout["query_responses"], rollout["attention_mask"], rollout["context_length"]
-        n, parts = self.settings["forward_batch_size"], []
-        for i in range(0, len(qr), n):
-            with self.autocast:
-                parts.append(self.model(qr[i : i + n], mask[i : i + n])[:, Q - 1 : -1].float())
-        return torch.cat(parts).masked_fill(~rollout["action_mask"], 0.0)
+        return critic_values(
+            self.model,
+            rollout["query_responses"],
+            rollout["attention_mask"],
+            rollout["action_mask"],
+            rollout["context_length"],
+            self.settings["forward_batch_size"],
+            self.autocast,
+        )
 
     def targets(self, values: torch.Tensor, returns: torch.Tensor) -> None:
         self.rollout.update(values=values, returns=returns)
 
     def step(self, micro_batches: list[tuple[list[int], float]], vf_coef: float, lr: float) -> dict:
         """One optimizer step on a minibatch's value loss, accumulated a micro-batch at a time (each weighted by its
-        share of the minibatch's action tokens), as the trainer steps in-process. Returns the weighted stats, a
-        non-finite loss (reported before its backward) and, after the first step, the optimizer's new state."""
+        share of the minibatch's action tokens), as the trainer steps in-process. Returns the weighted stats, or a
+        non-finite loss (reported before its backward)."""
         ro, stats = self.rollout, {}
         for idx, weight in micro_batches:
             index = torch.tensor(idx)
@@ -122,20 +146,21 @@ class _Worker:
         self.optimizer.param_groups[0]["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if not self.state_shared:
-            self.state_shared = True
-            stats["optimizer_state"] = [self.optimizer.state[p] for p in self.trainable]  # shared by pickling
         return stats
 
     def steps(self, minibatches: list[list[tuple[list[int], float]]], vf_coef: float, lr: float) -> dict:
-        """`step` for each minibatch of an epoch, back to back; their stats in order (up to a non-finite loss)."""
+        """`step` for each minibatch of an epoch, back to back; their stats in order (up to a non-finite loss) and,
+        after the first steps ever, the optimizer's new state (shared by pickling) for the main process to hold."""
         done = []
         for micro_batches in minibatches:
             done.append(self.step(micro_batches, vf_coef, lr))
             if "nonfinite" in done[-1]:
                 break
-        state = [d.pop("optimizer_state") for d in done if "optimizer_state" in d]
-        return {"minibatches": done, **({"optimizer_state": state[0]} if state else {})}
+        reply = {"minibatches": done}
+        if not self.state_shared and self.trainable and self.trainable[0] in self.optimizer.state:
+            self.state_shared = True
+            reply["optimizer_state"] = [self.optimizer.state[p] for p in self.trainable]
+        return reply
 
     def optimizer_state(self, states: list[dict]) -> None:
         """The main process's (resumed) optimizer state, shared: the steps from here on update it in place."""

@@ -54,7 +54,7 @@ from rlhf.ppo.checkpoint import (
     resumable_checkpoint,
     save_checkpoint,
 )
-from rlhf.ppo.critic_process import CriticProcess, critic_micro_loss
+from rlhf.ppo.critic_process import CriticProcess, critic_micro_loss, critic_values
 from rlhf.ppo.kl import kl_penalty, make_kl_controller
 from rlhf.ppo.losses import kl_loss, policy_loss
 from rlhf.ppo.ops import (
@@ -571,12 +571,16 @@ class PPOTrainer:
             return torch.zeros_like(ro.logprobs)
         if self.critic_process is not None:
             return self.critic_process.result()  # asked for after the rollout
-        parts, n = [], self.cfg.forward_batch_size
         with gathered(self.acc, self.value_model) as critic:  # FSDP: whole weights
-            for i in range(0, len(ro), n):
-                v = critic(ro.query_responses[i : i + n], ro.attention_mask[i : i + n])  # (b, Q + R)
-                parts.append(v[:, ro.context_length - 1 : -1])
-        return torch.cat(parts).masked_fill(~ro.action_mask, 0.0)
+            return critic_values(
+                critic,
+                ro.query_responses,
+                ro.attention_mask,
+                ro.action_mask,
+                ro.context_length,
+                self.cfg.forward_batch_size,
+                nullcontext(),  # the prepared model's forward autocasts under mixed precision
+            )
 
     # ------------------------------------------------------------------ 5. advantages
     def _advantages(
@@ -617,9 +621,8 @@ class PPOTrainer:
                 order[start : start + self.mini_batch_size]
                 for start in range(0, self.local_batch_size, self.mini_batch_size)
             ]
-            if (
-                self.critic_process is not None
-            ):  # the critic's steps of the epoch run there, beside the policy's
+            # the critic's steps of the epoch run in its process, beside the policy's below
+            if self.critic_process is not None:
                 plan = [
                     [(idx[part].tolist(), w.item()) for part, w in self._micro_parts(ro, idx)]
                     for idx in minibatches

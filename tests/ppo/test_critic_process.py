@@ -75,11 +75,9 @@ def test_the_critic_process_takes_the_in_process_critics_steps_bit_for_bit(
     rows = history(tmp_path / "split")
     assert all(r["loss/value_avg"] > 0 and "val/clipfrac_avg" in r for r in rows)
     assert all(r["policy/early_stop"] == ("target_kl" in change) for r in rows)
-    critic_moved = any(
-        not torch.equal(v, params(make_trainer(tokenizer, tmp_path / "fresh").unwrapped_critic)[k])
-        for k, v in params(split.unwrapped_critic).items()
-    )
-    assert critic_moved  # the shared gradients reached the optimizer
+    # the worker's steps reached the shared weights
+    start = params(make_trainer(tokenizer, tmp_path / "fresh").unwrapped_critic)
+    assert any(not torch.equal(v, start[k]) for k, v in params(split.unwrapped_critic).items())
 
 
 @pytest.mark.parametrize(("first", "then"), [(True, True), (False, True), (True, False)])
@@ -99,9 +97,8 @@ def test_distributed_and_gpu_runs_refuse_the_critic_process(monkeypatch):
     with pytest.raises(ValueError, match="ppo.critic_process=false"):
         check_ppo(replace(BASE, critic_process=True), num_processes=2)
     cfg = compose(["ppo.critic_process=true", "device=cuda"])
-    monkeypatch.setattr(
-        "rlhf.models.resolve_device", lambda name: torch.device("cuda")
-    )  # as on a GPU machine
+    # as on a GPU machine
+    monkeypatch.setattr("rlhf.models.resolve_device", lambda name: torch.device("cuda"))
     with pytest.raises(ValueError, match="on device=cuda set ppo.critic_process=false"):
         validate(cfg)
     cfg.ppo.critic_process = False
@@ -179,21 +176,14 @@ def test_under_bf16_mixed_precision_the_worker_autocasts_as_the_trainer_does(
     assert_same_run(trainers["serial"], trainers["split"], tmp_path / "serial", tmp_path / "split")
 
 
-def tiny_worker():
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+def tiny_worker(tokenizer):
+    from conftest import tiny_llama
+    from test_trainer import critic_from
 
     from rlhf.ppo.critic_process import CriticProcess
     from rlhf.ppo.trainer import ValueHead
 
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_labels=1,
-    )
-    critic = ValueHead(LlamaForSequenceClassification(config))
+    critic = ValueHead(critic_from(tiny_llama(tokenizer)))
     return CriticProcess(
         critic,
         torch.optim.AdamW(critic.parameters()),
@@ -205,20 +195,19 @@ def tiny_worker():
     )
 
 
-def test_a_failing_worker_raises_its_error_and_still_closes_quietly():
-    worker = tiny_worker()
+def test_a_failing_worker_raises_its_error_and_still_closes_quietly(tokenizer):
+    worker = tiny_worker(tokenizer)
     worker.start_steps([[([0, 1], 1.0)]], 0.1)  # before any rollout: the worker has nothing to train on
     with pytest.raises(RuntimeError, match="the critic process failed:(.|\n)*KeyError: 'query_responses'"):
         worker.finish_steps()
-    worker.start_steps(
-        [[([0], 1.0)]], 0.1
-    )  # a failure in flight, as when an error propagates: close stays quiet
+    # a failure in flight, as when an error propagates: close stays quiet
+    worker.start_steps([[([0], 1.0)]], 0.1)
     worker.close()
     assert worker._process.exitcode == 0
 
 
-def test_a_dead_worker_is_a_one_line_error():
-    worker = tiny_worker()
+def test_a_dead_worker_is_a_one_line_error(tokenizer):
+    worker = tiny_worker(tokenizer)
     try:
         worker._process.kill()
         worker._process.join()
