@@ -59,6 +59,7 @@ steadier measurement (no thread waits at a barrier for a descheduled sibling).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -468,6 +469,8 @@ def generation_scenarios(tokenizer, batch: int, group: int) -> list[tuple[str, l
 
 
 def generate_bench(args) -> list[dict[str, Any]]:
+    import torch
+
     from rlhf.models import apply_lora
     from rlhf.models import load_tokenizer as load_tok
 
@@ -475,24 +478,41 @@ def generate_bench(args) -> list[dict[str, Any]]:
     model = load_policy(args.model, lora=False).eval()
     scenarios = generation_scenarios(tokenizer, args.gen_batch, args.group)
     rows = []
-    for weights in ("full", "lora"):
-        if weights == "lora":
+    for weights, precision in itertools.product(("full", "lora"), args.gen_precisions):
+        if weights == "lora" and not hasattr(model, "get_base_model"):
             model = apply_lora(model, smollm2_lora()).eval()
-        # warm-up of both engines (first-call costs: kernel selection, allocations)
-        for engine in (run_kvsampler, run_generate):
-            engine(model, tokenizer, scenarios[0][1][:2], 1, 2, False, args.seed)
+        # float32 weights either way; bf16: both sides run under bf16 autocast, as the PPO rollout does under
+        # mixed precision (model.dtype=bfloat16)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast")
+        with autocast:
+            # warm-up of both engines (first-call costs: kernel selection, allocations)
+            for engine in (run_kvsampler, run_generate):
+                engine(model, tokenizer, scenarios[0][1][:2], 1, 2, False, args.seed)
         for name, contexts, turns in scenarios:
             load = load_1min()
-            row: dict[str, Any] = {"weights": weights, "scenario": name, "turns": turns, "load": load}
+            row: dict[str, Any] = {
+                "weights": weights,
+                "precision": precision,
+                "scenario": name,
+                "turns": turns,
+                "load": load,
+            }
             sides = {"generate": run_generate, "kvsampler": run_kvsampler}
             runs: dict[str, list[tuple[float, int, float]]] = {side: [] for side in sides}
             for r in range(args.repeats):  # alternating order: generate first, then KVSampler first, ...
                 for side in list(sides)[:: 1 if r % 2 == 0 else -1]:
-                    runs[side].append(
-                        sides[side](
-                            model, tokenizer, contexts, turns, args.new_tokens, args.stop_at_eos, args.seed
+                    with autocast:
+                        runs[side].append(
+                            sides[side](
+                                model,
+                                tokenizer,
+                                contexts,
+                                turns,
+                                args.new_tokens,
+                                args.stop_at_eos,
+                                args.seed,
+                            )
                         )
-                    )
             for side, results in runs.items():
                 seconds, generated, cpu = min(results)  # the same seed: the same tokens every repeat
                 row[f"{side}_s"], row[f"{side}_tokens"] = seconds, generated
@@ -504,7 +524,7 @@ def generate_bench(args) -> list[dict[str, Any]]:
             row["load_after"] = load_1min()
             rows.append(row)
             print(
-                f"  {weights:4s} {name:28s} generate {row['generate_tok_s']:6.1f} tok/s, "
+                f"  {weights:4s} {precision:13s} {name:28s} generate {row['generate_tok_s']:6.1f} tok/s, "
                 f"KVSampler {row['kvsampler_tok_s']:6.1f} tok/s, x{row['ratio']:.2f} (load {load:.1f})",
                 file=sys.stderr,
                 flush=True,
@@ -749,19 +769,21 @@ def print_tables(results: dict[str, Any], args) -> dict[str, float]:
             key[f"{name}/fraction_of_peak"] = frac
     if "generate" in results:
         how = "stopping at eos" if args.stop_at_eos else f"exactly {args.new_tokens} tokens per row and turn"
-        print(f"\n### Generation: KVSampler vs model.generate (float32, temperature 1, {how})\n")
+        print(f"\n### Generation: KVSampler vs model.generate (float32 weights, temperature 1, {how})\n")
         print(
-            "| weights | batch | generate tok/s | KVSampler tok/s | ratio | tokens (gen / KV) | CPU share (gen / KV) "
-            "| load |"
+            "| weights | precision | batch | generate tok/s | KVSampler tok/s | ratio | tokens (gen / KV) "
+            "| CPU share (gen / KV) | load |"
         )
-        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
         for r in results["generate"]:
             print(
-                f"| {r['weights']} | {r['scenario']} | {r['generate_tok_s']:.1f} | {r['kvsampler_tok_s']:.1f} | "
+                f"| {r['weights']} | {r['precision']} | {r['scenario']} | {r['generate_tok_s']:.1f} | "
+                f"{r['kvsampler_tok_s']:.1f} | "
                 f"{r['ratio']:.2f}x | {r['generate_tokens']} / {r['kvsampler_tokens']} | "
                 f"{100 * r['generate_cpu_share']:.0f}% / {100 * r['kvsampler_cpu_share']:.0f}% | {r['load']:.1f} |"
             )
-            name = f"generate/{r['weights']}/{r['scenario'].replace(' ', '_')}"
+            precision = "" if r["precision"] == "float32" else "_bf16"
+            name = f"generate/{r['weights']}{precision}/{r['scenario'].replace(' ', '_')}"
             key[f"{name}/generate_tok_s"] = r["generate_tok_s"]
             key[f"{name}/kvsampler_tok_s"] = r["kvsampler_tok_s"]
             key[f"{name}/ratio"] = r["ratio"]
@@ -840,6 +862,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gen-batch", type=int, default=16, help="generate: rows per batch")
     p.add_argument("--group", type=int, default=4, help="generate: samples per prompt in the group scenario")
     p.add_argument("--new-tokens", type=int, default=32, help="generate: tokens per row and turn")
+    p.add_argument(
+        "--gen-precisions",
+        nargs="+",
+        choices=("float32", "bf16 autocast"),
+        default=["float32", "bf16 autocast"],
+        help="generate: precisions to compare the engines in",
+    )
     p.add_argument(
         "--stop-at-eos", action="store_true", help="generate: stop at eos instead of fixed lengths"
     )

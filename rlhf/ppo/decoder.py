@@ -102,6 +102,11 @@ class LlamaDecoder:
     The weights are read once, when the engine is built (a rollout builds one): LoRA adapters merged, q/k/v and
     gate/up stacked into one matrix each, so a decode step runs 4 matmuls per layer instead of 7 (or 11 with
     adapters). The stacked copies live as long as the engine (one rollout).
+
+    Built under `torch.autocast` (mixed precision), the engine keeps its matmul weights in the autocast dtype and
+    runs every forward under that autocast: the arithmetic of the model's own forward under autocast, with each
+    weight cast once per rollout instead of once per op and step. A decode step is bound by streaming the weights,
+    so bf16 halves its bytes.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -114,9 +119,14 @@ class LlamaDecoder:
             raise NotImplementedError("rotary frequencies that change with the sequence length")
         cfg = base.config
         self.embed = base.model.embed_tokens.weight
+        device_type = self.embed.device.type
+        self.autocast_dtype = (
+            torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        )
+        matmul = self._cast_for_autocast
         self.rotary = base.model.rotary_emb
         self.norm = (base.model.norm.weight, base.model.norm.variance_epsilon)
-        self.head = _effective(base.lm_head)
+        self.head = matmul(_effective(base.lm_head))
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -130,20 +140,30 @@ class LlamaDecoder:
                 self.layers.append(
                     (
                         (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
-                        _stacked(attn.q_proj, attn.k_proj, attn.v_proj),
-                        _effective(attn.o_proj),
+                        matmul(_stacked(attn.q_proj, attn.k_proj, attn.v_proj)),
+                        matmul(_effective(attn.o_proj)),
                         (
                             layer.post_attention_layernorm.weight,
                             layer.post_attention_layernorm.variance_epsilon,
                         ),
-                        _stacked(mlp.gate_proj, mlp.up_proj),
-                        _effective(mlp.down_proj),
+                        matmul(_stacked(mlp.gate_proj, mlp.up_proj)),
+                        matmul(_effective(mlp.down_proj)),
                     )
                 )
         self._cos = self._sin = None  # rotary tables by position, built on first use
         self.keys: list[torch.Tensor] = []  # per layer (n, kv_heads, capacity, head_dim)
         self.values: list[torch.Tensor] = []
         self.length = 0  # cache columns in use
+
+    def _cast_for_autocast(
+        self, weight_bias: tuple[torch.Tensor, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A linear layer's weight and bias in the autocast dtype (as is without autocast)."""
+        dtype = self.autocast_dtype
+        if dtype is None:
+            return weight_bias
+        weight, bias = weight_bias
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
 
     def _rotary(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (n, 1, w, d) of the positions: rows of tables the model's own rotary module computed once."""
@@ -161,20 +181,24 @@ class LlamaDecoder:
             return
         new = max(needed, 2 * capacity, 64)
         shape = (n, self.num_kv_heads, new, self.head_dim)
+        # under autocast, attention reads keys and values in the autocast dtype: stored so, they round the same
+        dtype = self.autocast_dtype or like.dtype
         old_keys, old_values = self.keys, self.values
-        self.keys = [like.new_zeros(shape) for _ in self.layers]
-        self.values = [like.new_zeros(shape) for _ in self.layers]
+        self.keys = [like.new_zeros(shape, dtype=dtype) for _ in self.layers]
+        self.values = [like.new_zeros(shape, dtype=dtype) for _ in self.layers]
         for old, fresh in zip(old_keys + old_values, self.keys + self.values):
             fresh[:, :, : self.length] = old[:, :, : self.length]
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """ids, positions (n, w) new tokens; key_mask (n, L) over cached + new tokens -> last column's logits (n, V)."""
-        return F.linear(self.hidden_states(ids, positions, key_mask)[:, -1], *self.head)  # (n, V)
+        dtype = self.autocast_dtype  # the autocast the engine was built under (a disabled one if none)
+        with torch.autocast(self.embed.device.type, dtype=dtype, enabled=dtype is not None):
+            return F.linear(self._hidden_states(ids, positions, key_mask)[:, -1], *self.head)  # (n, V)
 
-    def hidden_states(
+    def _hidden_states(
         self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor
     ) -> torch.Tensor:
-        """As `forward`, but the final-norm hidden states of every new token: (n, w, H)."""
+        """The final-norm hidden states of every new token: (n, w, H)."""
         n, w = ids.shape
         start, end = self.length, self.length + w
         h = F.embedding(ids, self.embed)  # (n, w, H)

@@ -497,8 +497,9 @@ class PPOTrainer:
         first = self.episodes + self.acc.process_index * self.local_batch_size
         prompt_index = [(first + j) // self.group_size for j in range(self.local_batch_size)]
         seeds = [train_episode_seed(self.seed, i) for i in prompt_index]
-        # FSDP: the whole weights, gathered once (no collective per generated token)
-        with gathered(self.acc, self.policy) as policy:
+        # FSDP: the whole weights, gathered once (no collective per generated token). Mixed precision samples from
+        # the policy as the update computes it, under autocast (the sampler then keeps low-precision weight copies).
+        with gathered(self.acc, self.policy) as policy, self.acc.autocast():
             return rollout(
                 policy,
                 self.tokenizer,

@@ -205,3 +205,29 @@ def test_draw_categorical_follows_the_probabilities_and_never_draws_a_zero():
     # rows are independent: a batch of two different rows
     two = draw_categorical(torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(500, 1))
     assert (two.view(500, 2) == torch.tensor([0, 1])).all()
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-gqa", "llama-lora"])
+def test_under_autocast_the_llama_engine_computes_the_models_autocast_forward(tokenizer, name):
+    """Built under bf16 autocast (mixed precision), the engine holds bf16 weight copies and a bf16 cache, and its
+    logits are the model's own forward under the same autocast: equal without adapters; with LoRA within bf16
+    rounding (the adapters are merged in float32 before the cast, peft's forward adds them in bf16)."""
+    model = MODELS[name](tokenizer)
+    contexts, new = [[5, 6, 7, 8, 9], [6], [7, 8, 9]], [[4, 5], [6, 7, 8, 9], [5]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = sampler_for(model, tokenizer)
+        s.start(contexts)
+        torch.manual_seed(0)
+        replies, _ = s.sample(6)
+        s.extend(new)
+        episodes = [c + r + m for c, r, m in zip(contexts, replies, new)]
+        autocast_logits = [reference_next_logits(model, e) for e in episodes]
+    assert s.decoder.head[0].dtype == s.decoder.keys[0].dtype == torch.bfloat16
+    tolerance = 1e-2 if name == "llama-lora" else 1e-5
+    for i, e in enumerate(episodes):
+        torch.testing.assert_close(s.next_logits[i].float(), autocast_logits[i], atol=tolerance, rtol=0)
+        # the float32 forward is measurably different: the comparison above sees bf16 arithmetic
+        assert (reference_next_logits(model, e) - autocast_logits[i]).abs().max() > 1e-4
+    # outside autocast the engine keeps computing as it was built
+    s.extend([[5], [6], [7]])
+    assert s.next_logits.dtype == torch.bfloat16

@@ -639,11 +639,21 @@ def test_success_rate_is_the_mean_over_the_episodes_that_report_it(tokenizer, tm
 
 @pytest.mark.parametrize(("mixed_precision", "dtype"), [("bf16", torch.bfloat16), ("no", torch.float32)])
 def test_mixed_precision_trains_float32_weights_that_small_updates_move(
-    tokenizer, tmp_path, fresh_accelerator_state, mixed_precision, dtype
+    tokenizer, tmp_path, fresh_accelerator_state, monkeypatch, mixed_precision, dtype
 ):
-    """Models handed over in model.dtype (bf16: frozen reference too); lr 1e-5 moves almost every float32 weight."""
+    """Models handed over in model.dtype (bf16: frozen reference too); lr 1e-5 moves almost every float32 weight.
+    The rollout samples under the update's autocast: the sampler's matmul weights are copies in bf16."""
     from accelerate import Accelerator
 
+    import rlhf.ppo.sampler as sampler_module
+
+    make_decoder, built = sampler_module.make_decoder, []
+
+    def recording_make_decoder(model):
+        built.append(make_decoder(model))
+        return built[-1]
+
+    monkeypatch.setattr(sampler_module, "make_decoder", recording_make_decoder)
     accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
     policy = tiny_llama(tokenizer).to(dtype)
     cfg = replace(BASE, learning_rate=1e-5, total_episodes=32)
@@ -670,6 +680,10 @@ def test_mixed_precision_trains_float32_weights_that_small_updates_move(
     assert all(p.dtype == dtype for p in trainer.ref_policy.parameters())  # frozen: left as handed over
     state = trainer.policy_opt.state_dict()["state"]
     assert all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+    assert built and all(
+        d.autocast_dtype == (torch.bfloat16 if mixed_precision == "bf16" else None) for d in built
+    )
+    assert all(d.head[0].dtype == dtype and d.keys[0].dtype == dtype for d in built)
 
 
 # ---------------------------------------------------------------- branches: score normalisation, whitening, ...
