@@ -15,7 +15,8 @@ Layout of one batch of episodes (B episodes, Q query tokens, R response tokens):
 Generation is `rlhf.ppo.sampler.KVSampler`: one KV cache for the whole batch of episodes, kept across turns, a
 group's shared prompt prefilled once. The log-probabilities are the sampler's own (no second forward pass): the
 positions and masks are those the PPO update uses, so they equal the update's first forward pass up to float
-rounding (the first ratio is 1 to ~1e-6 in float32).
+rounding (the first ratio is 1 to ~1e-6 in float32). Under mixed precision the trainer calls `rollout` inside its
+autocast, so the sampler computes in the update's precision.
 """
 
 from __future__ import annotations
