@@ -12,6 +12,8 @@ decaying linearly over --max-updates, KL coefficient 0.04 (benchmarks/common.py 
 - ours, gae: 32 prompts, critic from the SFT backbone (fresh head), 4 epochs x 1 minibatch of 32 (the PPO setting of
   `ppo_vs_trl.py --batch-size 32 --mini-batches 1`; 4 minibatches of 8 took about as many updates at 1.5-2x the
   time each), k1 KL in the reward (the project's default), same learning rate for policy and critic;
+- ours, gae with `ppo.critic_process` (at 2 threads only: 1 in each process): the same run, the critic trained in a
+  second process; the clock starts once that process is up (its ~3 s start counts as setup, like loading);
 - TRL GRPOTrainer: 8 prompts x 4, num_iterations=1, beta=0.04, the environment's reward through a reward function.
 
 Gold reward = the environment's reward of the training batch: our `env/gold` per update, TRL's logged `reward` per
@@ -44,6 +46,7 @@ import common  # noqa: E402
 
 SIDES = {
     "ours-gae": "ours, PPO (GAE + critic)",
+    "ours-gae-cp": "ours, PPO (GAE + critic), ppo.critic_process",
     "ours-grpo": "ours, group baseline (advantage=grpo)",
     "trl": "trl 1.16 GRPOTrainer",
 }
@@ -106,11 +109,13 @@ def run_side(side: str, model_dir: Path, setup: common.GroupSetup, a: argparse.N
             goal.append(Goal(a.target, a.window, a.max_seconds))  # the clock starts after loading
             trainer.train()
             return goal[0].result(side)
-        if side == "ours-gae":
-            cfg = common.ours_config(setup, "gae", **GAE)
+        if side.startswith("ours-gae"):
+            cfg = common.ours_config(setup, "gae", critic_process=side == "ours-gae-cp", **GAE)
         else:
             cfg = common.ours_config(setup, "grpo")
         trainer = common.build_ours(model_dir, setup, cfg, Path(out))
+        if trainer.critic_process is not None:  # its start (~3 s: a fresh interpreter's imports) is setup
+            trainer.critic_process.wait_ready()
         goal_ = Goal(a.target, a.window, a.max_seconds)
         for _ in range(setup.updates):
             if goal_.add(trainer.train(max_updates=1)["env/gold"]):
@@ -207,10 +212,14 @@ def main() -> None:
         return
 
     model_dir = sft_checkpoint(a.sft_run_dir, seed=0)
-    results: dict[tuple[str, int], list[dict]] = {(s, t): [] for s in a.sides for t in a.threads}
+    results: dict[tuple[str, int], list[dict]] = {
+        (s, t): [] for s in a.sides for t in a.threads if s != "ours-gae-cp" or t >= 2
+    }
     for seed in a.seeds:
         for threads in a.threads:
             for side in a.sides:
+                if side == "ours-gae-cp" and threads < 2:
+                    continue  # its threads split between two processes: 1 + 1 at 2
                 cmd = [
                     sys.executable,
                     __file__,

@@ -162,6 +162,9 @@ class _Worker:
             reply["optimizer_state"] = [self.optimizer.state[p] for p in self.trainable]
         return reply
 
+    def ready(self) -> None:
+        """Answers once the worker is up (its imports and the critic's unpickling done)."""
+
     def optimizer_state(self, states: list[dict]) -> None:
         """The main process's (resumed) optimizer state, shared: the steps from here on update it in place."""
         for p, state in zip(self.trainable, states):
@@ -279,6 +282,12 @@ class CriticProcess:
     def finish_steps(self) -> list[dict]:
         """The stats of the minibatches `start_steps` sent, in order (the last may hold a non-finite loss)."""
         return self.result()["minibatches"]
+
+    def wait_ready(self) -> None:
+        """Block until the worker is up. Optional: the first request waits for it anyway, while this process can
+        already roll out; a benchmark that counts the worker's start as setup (like loading) calls this first."""
+        self._send("ready")
+        self.result()
 
     def share_optimizer_state(self) -> None:
         """After this process loaded the optimizer's state (a resume): the worker continues from it."""

@@ -197,6 +197,8 @@ def tiny_worker(tokenizer):
 
 def test_a_failing_worker_raises_its_error_and_still_closes_quietly(tokenizer):
     worker = tiny_worker(tokenizer)
+    worker.wait_ready()  # up and answering
+    assert worker._process.is_alive()
     worker.start_steps([[([0, 1], 1.0)]], 0.1)  # before any rollout: the worker has nothing to train on
     with pytest.raises(RuntimeError, match="the critic process failed:(.|\n)*KeyError: 'query_responses'"):
         worker.finish_steps()
