@@ -285,11 +285,15 @@ def merged_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.
 def load_causal_lm(
     path: str | Path, dtype: str | torch.dtype = "float32", lora: LoraConfig | None = None
 ) -> PreTrainedModel:
-    """`AutoModelForCausalLM` from a save_pretrained dir or hub id; LoRA-wrapped (peft) when `lora.r > 0`."""
+    """`AutoModelForCausalLM` from a save_pretrained dir or hub id; LoRA-wrapped (peft) when `lora.r > 0`. SDPA
+    attention computes in float32 where it is trained on CPU under low precision (`rlhf.attention`)."""
     from transformers import AutoModelForCausalLM
+
+    from rlhf.attention import use_float32_cpu_attention
 
     check_model_location(path, "the model path")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
+    use_float32_cpu_attention(model)
     return apply_lora(model, lora, "CAUSAL_LM")
 
 
@@ -303,12 +307,15 @@ def load_reward_model(
     """
     from transformers import AutoModelForSequenceClassification
 
+    from rlhf.attention import use_float32_cpu_attention
+
     check_model_location(path, "the model path")
     tokenizer = load_tokenizer(path)
     model = AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=1, dtype=torch_dtype(dtype), pad_token_id=tokenizer.pad_token_id
     )
     model.config.pad_token_id = tokenizer.pad_token_id
+    use_float32_cpu_attention(model)
     return apply_lora(model, lora, "SEQ_CLS")
 
 
