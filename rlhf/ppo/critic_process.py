@@ -23,12 +23,47 @@ import sys
 import traceback
 import types
 
+import numpy as np
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
 import rlhf.attention  # noqa: F401  (registers the attention the unpickled critic's config may name)
 from rlhf.ppo.losses import value_loss
+
+
+class Shared:
+    """A message part sent as torch.multiprocessing sends tensors: moved into shared memory, one storage for both
+    processes (the optimizer state). Every other tensor travels by value (`_to_wire`)."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+def _to_wire(obj):
+    """Tensors as numpy arrays, pickled by value. Sent as tensors, torch.multiprocessing moves each into shared
+    memory, ~0.25 ms per tensor on each side: a round trip of 8 scalar stats took 4.3 ms, of 8 floats 0.07 ms,
+    and of the rollout's three (64, 40) tensors 1.0 against 0.06 ms. The rollout and the stats are a few KB."""
+    if isinstance(obj, torch.Tensor):  # numpy has no bfloat16: such a tensor goes the shared way
+        return obj if obj.dtype == torch.bfloat16 else obj.detach().numpy()
+    if isinstance(obj, dict):
+        return {k: _to_wire(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_wire(v) for v in obj)
+    return obj
+
+
+def _from_wire(obj):
+    """`_to_wire`'s inverse: numpy arrays back to tensors (the same bytes), `Shared` parts unwrapped."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, Shared):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: _from_wire(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_from_wire(v) for v in obj)
+    return obj
 
 
 def critic_micro_loss(
@@ -85,7 +120,7 @@ def _serve(conn, value_model: nn.Module, threads: int, settings: dict) -> None:
             if op == "close":
                 conn.send(("ok", None))
                 return
-            conn.send(("ok", getattr(worker, op)(*args)))
+            conn.send(("ok", _to_wire(getattr(worker, op)(*_from_wire(args)))))
         except Exception:  # noqa: BLE001 - reported to the main process, which raises it
             conn.send(("error", traceback.format_exc()))
 
@@ -160,7 +195,7 @@ class _Worker:
         reply = {"minibatches": done}
         if not self.state_shared and self.trainable and self.trainable[0] in self.optimizer.state:
             self.state_shared = True
-            reply["optimizer_state"] = [self.optimizer.state[p] for p in self.trainable]
+            reply["optimizer_state"] = Shared([self.optimizer.state[p] for p in self.trainable])
         return reply
 
     def ready(self) -> None:
@@ -229,7 +264,7 @@ class CriticProcess:
     def _send(self, op: str, *args) -> None:
         assert not self._pending, "one request at a time"
         try:
-            self._conn.send((op, args))
+            self._conn.send((op, _to_wire(args)))
         except OSError:  # a broken pipe: the worker is gone
             raise self._died() from None
         self._pending = True
@@ -247,6 +282,7 @@ class CriticProcess:
             status, value = self._conn.recv()
         except (EOFError, OSError):
             raise self._died() from None
+        value = _from_wire(value)
         if status == "error":
             raise RuntimeError(f"the critic process failed:\n{value}")
         if isinstance(value, dict) and "optimizer_state" in value:
@@ -293,7 +329,7 @@ class CriticProcess:
     def share_optimizer_state(self) -> None:
         """After this process loaded the optimizer's state (a resume): the worker continues from it."""
         if self.trainable and self.trainable[0] in self.optimizer.state:
-            self._send("optimizer_state", [self.optimizer.state[p] for p in self.trainable])
+            self._send("optimizer_state", Shared([self.optimizer.state[p] for p in self.trainable]))
             self.result()
 
     def close(self) -> None:
