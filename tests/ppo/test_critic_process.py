@@ -11,6 +11,7 @@ import textwrap
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from test_trainer import BASE, TIMING, history, make_trainer, params
@@ -220,3 +221,19 @@ def test_a_dead_worker_is_a_one_line_error(tokenizer):
             worker.finish_steps()
     finally:
         worker.close()
+
+
+def test_messages_carry_tensors_by_value_and_shared_parts_as_they_are():
+    """Tensors cross the pipe as numpy arrays (the same bytes; a shared-memory hand-off costs ~0.25 ms each), bf16
+    ones (numpy has none) and `Shared` parts (the optimizer state: one storage for both processes) as tensors."""
+    from rlhf.ppo.critic_process import Shared, _from_wire, _to_wire
+
+    stats = {"loss/value_avg": torch.tensor(0.1234567), "mask": torch.tensor([[True, False]])}
+    state = [{"exp_avg": torch.zeros(3)}]
+    wire = _to_wire(({"minibatches": [stats]}, torch.ones(2, dtype=torch.bfloat16), Shared(state)))
+    assert isinstance(wire[0]["minibatches"][0]["loss/value_avg"], np.ndarray)
+    back = _from_wire(wire)
+    assert torch.equal(back[0]["minibatches"][0]["loss/value_avg"], stats["loss/value_avg"])
+    assert torch.equal(back[0]["minibatches"][0]["mask"], stats["mask"])
+    assert back[1].dtype == torch.bfloat16
+    assert back[2] is state and back[2][0]["exp_avg"] is state[0]["exp_avg"]
