@@ -11,7 +11,8 @@ GPUs (actor and critic on workers of their own), at the level where it pays on o
   without it (bit for bit at one thread each);
 - per update the worker gets the rollout once (and computes its values while the main process scores it and runs the
   reference); per epoch only the minibatches' episode indices and the learning rate travel, and the worker takes the
-  epoch's steps back to back while the main process takes the policy's.
+  epoch's steps back to back while the main process takes the policy's;
+- messages carry their tensors by value (numpy arrays); only the optimizer state travels as shared memory.
 
 Single-process runs only: under DDP/FSDP the critic's gradients are all-reduced by its prepared module.
 """
