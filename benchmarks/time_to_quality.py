@@ -212,35 +212,32 @@ def main() -> None:
         return
 
     model_dir = sft_checkpoint(a.sft_run_dir, seed=0)
-    results: dict[tuple[str, int], list[dict]] = {
-        (s, t): [] for s in a.sides for t in a.threads if s != "ours-gae-cp" or t >= 2
-    }
+    # the critic-process side runs at 2 threads and more: its threads split between two processes, 1 + 1 at 2
+    runs = [(s, t) for t in a.threads for s in a.sides if s != "ours-gae-cp" or t >= 2]
+    results: dict[tuple[str, int], list[dict]] = {run: [] for run in runs}
     for seed in a.seeds:
-        for threads in a.threads:
-            for side in a.sides:
-                if side == "ours-gae-cp" and threads < 2:
-                    continue  # its threads split between two processes: 1 + 1 at 2
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--side",
-                    side,
-                    "--seed",
-                    str(seed),
-                    "--model",
-                    str(model_dir),
-                ]
-                cmd += [
-                    "--target",
-                    str(a.target),
-                    "--window",
-                    str(a.window),
-                    "--max-seconds",
-                    str(a.max_seconds),
-                ]
-                cmd += ["--max-updates", str(a.max_updates), "--threads", str(threads)]
-                label = f"{side}, seed {seed}, {threads} thread(s)"
-                results[side, threads].append(common.run_side(cmd, label))
+        for side, threads in runs:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--side",
+                side,
+                "--seed",
+                str(seed),
+                "--model",
+                str(model_dir),
+            ]
+            cmd += [
+                "--target",
+                str(a.target),
+                "--window",
+                str(a.window),
+                "--max-seconds",
+                str(a.max_seconds),
+            ]
+            cmd += ["--max-updates", str(a.max_updates), "--threads", str(threads)]
+            label = f"{side}, seed {seed}, {threads} thread(s)"
+            results[side, threads].append(common.run_side(cmd, label))
     text, best = table(results, a.seeds, a.max_seconds)
     ratios = {s: _ratio(best[s][0], best["trl"][0]) for s in best if s != "trl" and "trl" in best}
     if a.json:

@@ -123,10 +123,9 @@ class LlamaDecoder:
         self.autocast_dtype = (
             torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         )
-        matmul = self._cast_for_autocast
         self.rotary = base.model.rotary_emb
         self.norm = (base.model.norm.weight, base.model.norm.variance_epsilon)
-        self.head = matmul(_effective(base.lm_head))
+        self.head = self._cast_for_autocast(_effective(base.lm_head))
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -140,14 +139,14 @@ class LlamaDecoder:
                 self.layers.append(
                     (
                         (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
-                        matmul(_stacked(attn.q_proj, attn.k_proj, attn.v_proj)),
-                        matmul(_effective(attn.o_proj)),
+                        self._cast_for_autocast(_stacked(attn.q_proj, attn.k_proj, attn.v_proj)),
+                        self._cast_for_autocast(_effective(attn.o_proj)),
                         (
                             layer.post_attention_layernorm.weight,
                             layer.post_attention_layernorm.variance_epsilon,
                         ),
-                        matmul(_stacked(mlp.gate_proj, mlp.up_proj)),
-                        matmul(_effective(mlp.down_proj)),
+                        self._cast_for_autocast(_stacked(mlp.gate_proj, mlp.up_proj)),
+                        self._cast_for_autocast(_effective(mlp.down_proj)),
                     )
                 )
         self._cos = self._sin = None  # rotary tables by position, built on first use
