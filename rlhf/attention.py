@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 FLOAT32_CPU_SDPA = "sdpa_float32_cpu_training"
@@ -37,6 +38,9 @@ def float32_cpu_sdpa(module, query, key, value, attention_mask, **kwargs):
 
 
 AttentionInterface.register(FLOAT32_CPU_SDPA, float32_cpu_sdpa)
+# transformers builds a model's attention mask by its implementation's name: a name missing from the mask registry
+# gets no mask at all, and padding is attended. This implementation is SDPA, so it takes SDPA's mask.
+ALL_MASK_ATTENTION_FUNCTIONS.register(FLOAT32_CPU_SDPA, sdpa_mask)
 
 
 def use_float32_cpu_attention(model: PreTrainedModel) -> None:
