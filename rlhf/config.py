@@ -94,8 +94,10 @@ class ModelConfig:
     tokenizer: str = one_of("word", "word", "bpe")
     """Tiny model: word (one token per word of the task's vocabulary) | bpe (byte-level BPE trained on the task's
     text, with BOS, pad = eos and a ChatML chat template, as real models have)."""
-    dtype: str = one_of("float32", "float32", "bfloat16", "float16")
-    """Training precision: float32 | bfloat16 | float16 (mixed precision: master weights stay float32)."""
+    dtype: str = one_of("float32", "auto", "float32", "bfloat16", "float16")
+    """Training precision: auto (bfloat16 where the device multiplies it natively: a CUDA GPU with bf16, a CPU with
+    AMX or AVX512-BF16; float32 elsewhere) | float32 | bfloat16 | float16 (mixed precision: master weights stay
+    float32). A run directory keeps what auto chose on its first run; summary.json records it under `precision`."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Parameter-efficient fine-tuning; off when `lora.r=0`."""
 

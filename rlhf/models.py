@@ -27,11 +27,16 @@ TINY_TOKENIZERS = choices(ModelConfig, "tokenizer")
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    """`"bfloat16"` -> `torch.bfloat16`; ValueError naming the choices otherwise."""
+    """`"bfloat16"` -> `torch.bfloat16` (`"auto"`: what `rlhf.precision` picks here); ValueError naming the choices
+    otherwise."""
     import torch
 
     if isinstance(name, torch.dtype):
         return name
+    if name == "auto":  # the pipeline resolves it up front; a stage called directly resolves it here
+        from rlhf.precision import resolve_dtype
+
+        name = resolve_dtype(name, "cuda" if torch.cuda.is_available() else "cpu")[0]
     if name not in DTYPES:
         raise ValueError(f"model.dtype={name!r} is not one of {', '.join(DTYPES)}")
     return getattr(torch, name)

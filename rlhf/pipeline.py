@@ -168,7 +168,8 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     """Write summary.json atomically, stages in pipeline order."""
     stages = summary["stages"]
     ordered = {name: stages[name] for name in [*STAGES, *sorted(stages)] if name in stages}
-    out = {"stages": ordered} if summary.get("base") is None else {"base": summary["base"], "stages": ordered}
+    out = {k: summary[k] for k in ("precision", "base") if summary.get(k) is not None}
+    out["stages"] = ordered
     path = Path(run_dir) / SUMMARY
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")
@@ -212,6 +213,34 @@ def stage_inputs(
 
 
 # ------------------------------------------------------------------------------------------------------ planning
+
+
+def settle_precision(
+    cfg: RLHFConfig, summary: dict[str, Any], device_type: str, main: bool
+) -> dict[str, str]:
+    """Make `cfg.model.dtype` concrete before any key is computed, and return summary.json's record of it.
+
+    `auto` resolves from the hardware (`rlhf.precision`), except in a run directory that already resolved it: there
+    the recorded dtype is kept, so a resume (also on another kind of machine) continues in the precision its
+    finished stages and checkpoints were made in. An explicit dtype is obeyed, with a warning where bf16 is slow.
+    """
+    from rlhf.precision import AUTO, resolve_dtype, slow_bf16_warning
+
+    requested = cfg.model.dtype
+    recorded = summary.get("precision") or {}
+    if requested == AUTO and recorded.get("requested") == AUTO and summary["stages"]:
+        dtype, reason = recorded["dtype"], recorded.get("reason", "")
+        shown = f"kept from this run directory's first run ({reason})"
+    else:
+        dtype, reason = resolve_dtype(requested, device_type)
+        shown = reason
+    if main:
+        if requested == AUTO:
+            log.info("model.dtype=auto -> %s: %s", dtype, shown)
+        elif warning := slow_bf16_warning(dtype, device_type):
+            log.warning(warning)
+    cfg.model.dtype = dtype
+    return {"requested": requested, "dtype": dtype, "reason": reason}
 
 
 @dataclass
@@ -319,6 +348,7 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
                 held.enter_context(hold_run_dir(run_dir))
             with process.main_process_first():
                 summary = read_summary(run_dir)
+                summary["precision"] = settle_precision(cfg, summary, resolve_device(cfg.device).type, main)
                 plan = plan_run(cfg, selected, run_dir, summary)
             process.wait_for_everyone()  # every process planned from the same summary.json before it changes
             resume_ids: dict[str, str | None] = {}
@@ -334,6 +364,7 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
                     write_hydra_record(cfg, run_dir)
                 # forget what will be redone before redoing it: a kill from here on leaves only valid entries
                 summary = {
+                    "precision": summary["precision"],
                     "base": None if plan.build_base else summary.get("base"),
                     "stages": dict(plan.reused),
                 }

@@ -812,6 +812,7 @@ class PPOTrainer:
             "num_updates": self.num_updates,
             "batch_size": self.cfg.batch_size,
             "num_processes": self.acc.num_processes,
+            "mixed_precision": self.acc.mixed_precision,
             "seed": self.seed,
             "wandb_run_id": self.run_id,
             "stage_key": self.stage_key,
@@ -882,8 +883,13 @@ class PPOTrainer:
         if checkpoint is None:
             return False
         meta = load_checkpoint(self.acc, checkpoint)
-        for key, mine in (("batch_size", self.cfg.batch_size), ("num_processes", self.acc.num_processes)):
-            if meta.get(key) != mine:
+        settings = (
+            ("batch_size", self.cfg.batch_size),
+            ("num_processes", self.acc.num_processes),
+            ("mixed_precision", self.acc.mixed_precision),
+        )
+        for key, mine in settings:
+            if meta.get(key, mine) != mine:  # checkpoints from before mixed_precision was recorded: no claim
                 raise ValueError(
                     f"checkpoint {checkpoint} was written with {key}={meta.get(key)}, this run has {mine}; "
                     "use the same settings or set ppo.resume=false"
