@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def cpu_features() -> CPUFeatures:
 
 def _proc_cpuinfo_flags() -> dict[str, object]:
     try:
-        text = open("/proc/cpuinfo").read()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return {}
     flags = next(
