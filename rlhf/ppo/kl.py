@@ -40,6 +40,22 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     raise ValueError(f"unknown KL estimator {estimator!r}")  # ppo.kl_estimator is checked by rlhf.validation
 
 
+def logprob_mismatch(
+    sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far the sampler's log-probabilities are from the update's forward of the same policy, at the sampled
+    tokens: (masked mean |difference|, masked mean k3 estimate of KL(sampler || trainer)), both 0-dim.
+
+    sampler_logprobs, trainer_logprobs: (B, T); mask: (B, T) action tokens. Before any optimizer step both compute one
+    policy, so both are ~0; a precision, kernel or padding difference between the two code paths shows here.
+    """
+    m = mask.bool()
+    diff = (trainer_logprobs.detach().float() - sampler_logprobs.float()).masked_fill(~m, 0.0)  # (B, T)
+    count = m.sum().clamp(min=1)
+    k3 = torch.expm1(diff) - diff  # (B, T) r = p_trainer / p_sampler, samples from the sampler
+    return diff.abs().sum() / count, k3.masked_fill(~m, 0.0).sum() / count
+
+
 class KLController:
     """Holds the KL penalty coefficient ``value`` (beta): rewards = score - value * kl."""
 

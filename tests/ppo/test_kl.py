@@ -12,6 +12,7 @@ from rlhf.ppo.kl import (
     FixedKLController,
     KLController,
     kl_penalty,
+    logprob_mismatch,
     make_kl_controller,
 )
 
@@ -155,3 +156,17 @@ def test_make_kl_controller() -> None:
     assert (adaptive.value, adaptive.target, adaptive.horizon) == (0.05, 3.0, 500.0)
     with pytest.raises(ValueError, match="target"):
         make_kl_controller(0.05, adaptive=True, target=None, horizon=500)
+
+
+def test_logprob_mismatch_against_a_loop():
+    gen = torch.Generator().manual_seed(0)
+    sampler = -torch.rand(3, 5, generator=gen)
+    trainer = sampler + 0.2 * torch.randn(3, 5, generator=gen)
+    mask = torch.rand(3, 5, generator=gen) > 0.3
+    gap, kl = logprob_mismatch(sampler, trainer, mask)
+    pairs = [(sampler[i, t].item(), trainer[i, t].item()) for i in range(3) for t in range(5) if mask[i, t]]
+    assert gap.item() == pytest.approx(sum(abs(b - a) for a, b in pairs) / len(pairs), rel=1e-6)
+    expected = sum(math.exp(b - a) - 1 - (b - a) for a, b in pairs) / len(pairs)
+    assert kl.item() == pytest.approx(expected, rel=1e-5) and kl.item() > 0
+    zero_gap, zero_kl = logprob_mismatch(sampler, sampler.clone(), mask)
+    assert zero_gap.item() == 0.0 and zero_kl.item() == 0.0
