@@ -52,3 +52,21 @@ def test_wheel_ships_code_and_configs_and_composes_outside_the_repo(tmp_path):
         [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
     ).stdout
     assert where.count(str(site)) == 2
+
+
+def test_the_torch_floor_covers_what_the_code_and_transformers_need():
+    """pyproject's lowest torch must be one every dependency accepts and that has the APIs the code calls:
+    transformers 5 requires torch 2.6; scaled_dot_product_attention's enable_gqa (the sampler) arrived in 2.5."""
+    import tomllib
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ours = next(Requirement(d) for d in deps if Requirement(d).name == "torch")
+    floor = min(Version(s.version) for s in ours.specifier if s.operator == ">=")
+    theirs = [Requirement(r) for r in requires("transformers") if r.startswith("torch")]
+    needed = [Version(s.version) for r in theirs if r.name == "torch" for s in r.specifier if s.operator == ">="]
+    assert needed and floor >= max(needed)
+    assert floor >= Version("2.5")
