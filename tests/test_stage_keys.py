@@ -244,3 +244,51 @@ def test_a_hub_model_id_enters_with_its_cached_revision(tmp_path, monkeypatch):
     assert first["base"].config["model.name_or_path"] == f"some-org/some-model rev:{'a' * 40}"
     ref.write_text("b" * 40)  # a new snapshot of the same id was downloaded
     assert differ(first, stage_keys(compose(overrides))) == set(ALL)
+
+
+@pytest.fixture
+def readme_echo(tmp_path, monkeypatch):
+    """The README's `my_pkg/echo.py` (Echo-v0) written to tmp_path and importable (then forgotten)."""
+    import sys
+
+    import gymnasium
+
+    from tests.envs.test_env_custom import ECHO_SOURCE
+
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").touch()
+    (tmp_path / "my_pkg" / "echo.py").write_text(ECHO_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path / "my_pkg" / "echo.py"
+    for name in [m for m in sys.modules if m.split(".")[0] == "my_pkg"]:
+        del sys.modules[name]
+    gymnasium.registry.pop("Echo-v0", None)
+
+
+def test_a_run_after_the_users_environment_changed_reruns_and_says_why(readme_echo, tmp_path, caplog):
+    """The README's Echo example, run, its reward changed, the same command again in the same run directory: the
+    stage reruns (it was reused before keys saw the user's code), the log line names the change, and the stage cache
+    shared with it holds an entry per version of the code."""
+    import logging
+
+    from rlhf.pipeline import run
+    from tests.conftest import TINY
+
+    caplog.set_level(logging.INFO, logger="rlhf")
+    overrides = [*TINY, "logger=none", "stages=[sft]", "task.env_id=my_pkg.echo:Echo-v0"]
+    cfg = [*overrides, f"cache_dir={tmp_path / 'cache'}"]
+    first = run(compose(cfg), run_dir=tmp_path / "run")["stages"]["sft"]
+    original = readme_echo.read_text()
+    readme_echo.write_text(original.replace("0.5 if prompt in words", "0.25 if prompt in words"))
+    caplog.clear()
+    second = run(compose(cfg), run_dir=tmp_path / "run")["stages"]["sft"]
+    assert second["key"] != first["key"] and not second["cached"]
+    assert "reusing it" not in caplog.text and "reused from the stage cache" not in caplog.text
+    line = next(m for m in caplog.messages if m.startswith("sft: its finished output no longer matches"))
+    assert "(task.env_id.source my_pkg sha256:" in line and " -> my_pkg sha256:" in line, line
+    assert any(m.startswith("base: ") and "task.env_id.source my_pkg" in m for m in caplog.messages)
+
+    # the cache follows the same keys: the old code's entry is found again for the old code only
+    readme_echo.write_text(original)
+    again = run(compose(cfg), run_dir=tmp_path / "other")["stages"]["sft"]
+    assert again["cached"] and again["key"] == first["key"] and again["cache_entry"] == first["cache_entry"]
