@@ -193,7 +193,7 @@ def env_code(env_id: str) -> dict[str, str]:
     except Exception:  # validation says what is wrong with the id; a key needs only what resolves
         creator = None
     if creator is not None:
-        modules.append(creator.__module__)
+        modules.append(getattr(creator, "__module__", None) or "")
         for adapter_id, distribution in envs.ADAPTER_IDS.items():
             adapter = envs.env_class(adapter_id)
             if isinstance(creator, type) and issubclass(creator, adapter):
