@@ -59,7 +59,7 @@ class StageKey:
 
 SOURCE_DIRS = ("rlhf", "envs", "conf")
 """This project's code and configs: a stage key changes with them."""
-LIBRARIES = ("torch", "transformers", "trl", "accelerate", "peft")
+LIBRARIES = ("torch", "transformers", "trl", "accelerate", "peft", "gymnasium")
 """Libraries whose version can change a stage's output."""
 
 
