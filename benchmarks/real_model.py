@@ -410,7 +410,7 @@ def run_kvsampler(model, tokenizer, contexts, turns: int, new_tokens: int, stop_
     sampler = KVSampler(
         model,
         temperature=1.0,
-        stop_token_id=eos if stop_at_eos else None,
+        stop_token_ids={eos} if stop_at_eos else None,
         pad_token_id=tokenizer.pad_token_id,
     )
     sampler.start(contexts)
@@ -701,7 +701,7 @@ def profile_bench(args) -> dict[str, Any]:
     prompts = review_prompts(tokenizer, args.gen_batch)
     for weights in ("full", "lora"):
         model = load_policy(args.model, lora=weights == "lora").eval()
-        sampler = KVSampler(model, temperature=1.0, stop_token_id=None, pad_token_id=tokenizer.pad_token_id)
+        sampler = KVSampler(model, temperature=1.0, stop_token_ids=None, pad_token_id=tokenizer.pad_token_id)
         sampler.start(prompts)
         sampler.sample(3)  # warm-up
         steps = max(3, args.new_tokens // 2)

@@ -7,6 +7,9 @@ scores exactly the layout it was trained on.
 - With a chat template (every instruct model, the tiny tokenizers): an episode is a conversation. Environment
   messages are user turns, replies are assistant turns; the policy is prompted with the template's generation
   prompt and ends its turn with the tokenizer's EOS (the template's end-of-turn token, e.g. `<|im_end|>`).
+  A reply that does not end with it (cut at the length limit, or stopped on another of the model's stop ids, such
+  as Qwen2.5's `<|endoftext|>`) is closed with it, so every assistant turn after it, and every turn a reward model
+  scores, is closed the way the template closes a turn.
   Task data is turned into TRL's conversational formats, so TRL renders it through the same template.
 - Without one (a base model): the prompt is plain text, environment messages are appended as plain text, and
   task data stays in TRL's plain `prompt` / `completion` format.
@@ -38,7 +41,8 @@ class ChatFormat:
         self.tokenizer = tokenizer
         self.is_chat = bool(getattr(tokenizer, "chat_template", None))
         self.end_of_turn_id: int | None = tokenizer.eos_token_id
-        """The token that ends a reply: the policy's stop token and the template's end-of-turn token."""
+        """The template's end-of-turn token (the tokenizer's EOS), one of the policy's stop tokens; the model may
+        have more (`rlhf.tokenizer.stop_token_ids`), but only this one closes a turn in the template's layout."""
 
     # ------------------------------------------------------------------ text -> ids
     def encode(self, text: str) -> list[int]:
@@ -64,26 +68,35 @@ class ChatFormat:
             return self.template_ids([user(observation)], generation_prompt=True)
         return list(self.tokenizer(observation)["input_ids"])
 
-    def env_turn_ids(self, observation: str, reply_ended: bool) -> list[int]:
-        """Tokens between a reply and the policy's next reply: the environment's message as the next user turn.
+    def closing_ids(self, reply_ended: bool) -> list[int]:
+        """The end-of-turn token for a reply that does not end with it (not a policy action), else nothing.
 
-        `reply_ended`: the reply's last sampled token was the end-of-turn token. A reply cut at the length limit is
-        closed here with the end-of-turn token (not a policy action), as the template would close it.
+        `reply_ended`: the reply's last token is the end-of-turn token. A reply cut at the length limit, or stopped
+        on another stop id (Qwen2.5's `<|endoftext|>`, Llama 3's `<|eom_id|>`), is closed as the template closes
+        every assistant turn.
         """
+        return [] if reply_ended or self.end_of_turn_id is None else [self.end_of_turn_id]
+
+    def env_turn_ids(self, observation: str, reply_ended: bool) -> list[int]:
+        """Tokens between a reply and the policy's next reply: the environment's message as the next user turn,
+        after `closing_ids(reply_ended)` (chat) or as plain text (no template)."""
         if not self.is_chat:
             return self.encode(observation)
-        closing = [] if reply_ended or self.end_of_turn_id is None else [self.end_of_turn_id]
-        return closing + self.encode(self.turn_tail + self._user_turn_text(observation))
+        return self.closing_ids(reply_ended) + self.encode(self.turn_tail + self._user_turn_text(observation))
 
     def reward_suffix_ids(self, reply_ended: bool) -> list[int]:
-        """What the template writes after the final reply's end-of-turn token (ChatML: a newline).
+        """What closes the final reply for a reward model: `closing_ids(reply_ended)`, then what the template
+        writes after an end-of-turn token (ChatML: a newline).
 
-        A reward model trained by TRL on conversations saw it, and a sequence classifier reads its score at the
-        last non-pad token, so it must be there when PPO scores an episode.
+        A reward model trained by TRL on conversations only ever saw complete turns, closed by the template, and a
+        sequence classifier reads its score at the last non-pad token, so PPO scores an episode in that layout. A
+        cut reply is closed too: its score is then read where the model learned to read one (at any other position
+        the head was never trained), and the cut itself is what `ppo.missing_eos_penalty` prices. Without a template
+        the layout is TRL's plain `prompt + completion + eos`: the EOS closes a cut reply.
         """
-        if not self.is_chat or not reply_ended:
-            return []
-        return self.encode(self.turn_tail)
+        if not self.is_chat:
+            return self.closing_ids(reply_ended)
+        return self.closing_ids(reply_ended) + self.encode(self.turn_tail)
 
     # ------------------------------------------------------------------ the template's pieces
     @cached_property

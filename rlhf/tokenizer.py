@@ -12,6 +12,7 @@ Hence ids(obs0) + [reply] + ids(reply1) + [eos] + ids(obs1) + [reply] + ... == a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -131,13 +132,25 @@ def build_bpe_tokenizer(
     return tokenizer
 
 
-def stop_token_id(tokenizer: PreTrainedTokenizerBase, stop: str | None) -> int | None:
-    """The id that ends a turn for `ppo.stop_token`: eos (the tokenizer's EOS), a token of the vocabulary, or None."""
+def stop_token_ids(
+    tokenizer: PreTrainedTokenizerBase, stop: str | None, generation_config: Any = None
+) -> frozenset[int]:
+    """The ids that end a reply for `ppo.stop_token`, as `model.generate` stops.
+
+    eos: the tokenizer's EOS plus every id of the model's `generation_config.eos_token_id` (an int or a list:
+    Qwen2.5-Instruct's is [<|im_end|>, <|endoftext|>], Llama 3 Instruct's [<|end_of_text|>, <|eom_id|>, <|eot_id|>]);
+    a token of the vocabulary: that token only; None: none (every reply runs to the length limit).
+    generation_config: the policy's (`model.generation_config`, which transformers reads from the model
+    directory's generation_config.json), or None for the tokenizer's EOS alone.
+    """
     if stop is None:
-        return None
+        return frozenset()
     if stop == "eos":
-        return tokenizer.eos_token_id
+        ids = {tokenizer.eos_token_id}
+        extra = getattr(generation_config, "eos_token_id", None)
+        ids.update(extra if isinstance(extra, (list, tuple, set, frozenset)) else [extra])
+        return frozenset(int(i) for i in ids if i is not None)
     token_id = tokenizer.convert_tokens_to_ids(stop)
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise ValueError(f"ppo.stop_token={stop!r} is not a token of the policy's tokenizer; use eos or null")
-    return token_id
+    return frozenset({token_id})

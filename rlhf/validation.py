@@ -315,9 +315,9 @@ def check_policy_tokens(cfg: RLHFConfig, stages: list[str]) -> None:
             f"{context}-token context; set it below {context}"
         )
     if tokenizer is not None:
-        from rlhf.tokenizer import stop_token_id
+        from rlhf.tokenizer import stop_token_ids
 
-        stop_token_id(tokenizer, cfg.ppo.stop_token)
+        stop_token_ids(tokenizer, cfg.ppo.stop_token)
 
 
 CHECKS: tuple[Callable[[RLHFConfig, list[str]], None], ...] = (

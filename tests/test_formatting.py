@@ -58,7 +58,8 @@ def test_env_turn_follows_the_end_of_turn_token_and_closes_a_cut_reply(bpe):
     cut = fmt.env_turn_ids("higher", reply_ended=False)
     assert cut == [bpe.eos_token_id, *after_eos]
     assert fmt.reward_suffix_ids(reply_ended=True) == fmt.encode("\n")
-    assert fmt.reward_suffix_ids(reply_ended=False) == []
+    # a reward model is read where the template closes the last turn, for a cut reply too
+    assert fmt.reward_suffix_ids(reply_ended=False) == [bpe.eos_token_id, *fmt.encode("\n")]
 
 
 @pytest.mark.parametrize("kind", ["bpe", "word"])
@@ -107,7 +108,13 @@ def test_multi_turn_rollout_equals_the_template_and_envs_get_plain_text(bpe):
     fmt = ChatFormat(bpe)
     env_list = [envs.make("rlhf/GuessNumber-v0") for _ in range(8)]
     ro = rollout(
-        model, bpe, env_list, list(range(8)), response_length=6, stop_token_id=bpe.eos_token_id, max_turns=3
+        model,
+        bpe,
+        env_list,
+        list(range(8)),
+        response_length=6,
+        stop_token_ids={bpe.eos_token_id},
+        max_turns=3,
     )
     specials = set(bpe.all_special_ids)
     checked = 0

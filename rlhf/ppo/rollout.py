@@ -22,6 +22,7 @@ autocast, so the sampler computes in the update's precision.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,9 +61,9 @@ class Rollout:
     turn_ends: torch.Tensor
     """(B, R) bool: True at the last policy token of each turn."""
     turn_eos: torch.Tensor
-    """(B, R) bool: True at turn ends whose last token is the stop token (the turn ended by itself)."""
+    """(B, R) bool: True at turn ends whose last token is a stop token (the turn ended by itself)."""
     ended_with_eos: torch.Tensor
-    """(B, max_turns) bool: whether turn k ended with the stop token (False for turns not taken)."""
+    """(B, max_turns) bool: whether turn k ended with a stop token (False for turns not taken)."""
     num_turns: torch.Tensor
     """(B,) long: policy turns taken."""
     seeds: list[int] = field(default_factory=list)
@@ -294,13 +295,15 @@ def rollout(
     *,
     response_length: int,
     temperature: float = 1.0,
-    stop_token_id: int | None = None,
+    stop_token_ids: Collection[int] | None = None,
     max_turns: int | None = None,
 ) -> Rollout:
     """Play one episode in each env (`env.reset(seed=seeds[i])`), all envs' turns generated as one batch.
 
     model: the policy (unwrapped from DDP; a peft model works). Each turn generates at most `response_length`
-    tokens and stops at `stop_token_id` (None: only the length limit). An episode ends when the env says
+    tokens and stops at any of `stop_token_ids` (`rlhf.tokenizer.stop_token_ids`; None or empty: only the length
+    limit). A reply that does not end with the template's end-of-turn token (cut, or stopped on another stop id) is
+    closed with it before the next user turn (`ChatFormat.env_turn_ids`). An episode ends when the env says
     terminated or truncated, or after `max_turns` replies (default: the env's `max_turns`, else 1).
     Raises EnvFailure (env id, seed, turn) when an env raises, ValueError for a NaN/inf/non-numeric reward.
     """
@@ -326,7 +329,8 @@ def rollout(
 
     was_training = model.training
     model.eval()
-    sampler = KVSampler(model, temperature=temperature, stop_token_id=stop_token_id, pad_token_id=pad_id)
+    stops = frozenset(stop_token_ids or ())
+    sampler = KVSampler(model, temperature=temperature, stop_token_ids=stops, pad_token_id=pad_id)
     sampler.start([ep.query for ep in episodes])  # a group's shared prompt is prefilled once
     active = list(episodes)  # the sampler's rows, in order
     for turn in range(max_turns):
@@ -337,7 +341,7 @@ def rollout(
             said = tokenizer.decode(reply, skip_special_tokens=True)
             text = fit_action(said, ep.env.action_space)
             obs, reward, terminated, truncated, info = _step(ep.env, text, ep.seed, turn)
-            ended = stop_token_id is not None and reply[-1] == stop_token_id
+            ended = reply[-1] in stops  # stopped by itself (for the metrics and the missing-EOS penalty)
             ep.tokens += reply
             ep.logprobs += reply_logprobs
             ep.is_action += [True] * len(reply)
@@ -354,7 +358,7 @@ def rollout(
                         f"environment {env_name(ep.env)} returned a {type(obs).__name__} observation "
                         f"(seed={ep.seed}, turn {turn}); expected str"
                     )
-                ep.unseen = fmt.env_turn_ids(obs, reply_ended=ended)
+                ep.unseen = fmt.env_turn_ids(obs, reply_ended=reply[-1] == fmt.end_of_turn_id)
                 ep.tokens += ep.unseen
                 ep.logprobs += [0.0] * len(ep.unseen)
                 ep.is_action += [False] * len(ep.unseen)

@@ -20,6 +20,8 @@ float rounding.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from rlhf.ppo.decoder import make_decoder
@@ -46,7 +48,9 @@ class KVSampler:
     """Sample replies for a batch of episodes, turn after turn, with one growing KV cache.
 
     model: a causal LM (a peft model works) in eval mode. temperature 0 = greedy (log-probabilities then at
-    temperature 1). stop_token_id ends a reply (kept as its last token); None: every reply runs to the length limit.
+    temperature 1). stop_token_ids: any of them ends a reply and is kept as its last token (`rlhf.tokenizer.
+    stop_token_ids`: the EOS and every id of the model's generation_config.eos_token_id); empty or None: every reply
+    runs to the length limit. stop_token_id: one stop id, the older spelling of stop_token_ids={id}.
     """
 
     def __init__(
@@ -54,14 +58,17 @@ class KVSampler:
         model: torch.nn.Module,
         *,
         temperature: float,
-        stop_token_id: int | None,
+        stop_token_ids: Collection[int] | None = None,
         pad_token_id: int,
+        stop_token_id: int | None = None,
     ) -> None:
         self.model = model
         self.temperature = temperature
-        self.stop_token_id = stop_token_id
+        stops = set(stop_token_ids or ()) | ({stop_token_id} if stop_token_id is not None else set())
+        self.stop_token_ids = frozenset(stops)
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
+        self._stops = torch.tensor(sorted(self.stop_token_ids), dtype=torch.long, device=self.device)  # (S,)
         self.max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.decoder = None  # the incremental forward passes (`rlhf.ppo.decoder`), built by `start`
         # per row: mask (n, L) 1 on real cached tokens; lengths (n,) real tokens; next_logits (n, V) at the last
@@ -142,17 +149,17 @@ class KVSampler:
             logprobs[:, t] = torch.where(active, logprob, 0.0)
             steps = t + 1
             sampled = active.clone()
-            if self.stop_token_id is not None:
-                active &= token != self.stop_token_id
+            if self.stop_token_ids:
+                active &= ~torch.isin(token, self._stops)
             if t + 1 == max_new_tokens or not active.any():
                 self.pending, self.has_pending = token, sampled
                 break
             self._feed_column(token, sampled)
+        # a reply ends at its first stop token (argmax: the first True); one without runs to the last step
+        is_stop = torch.isin(tokens[:, :steps], self._stops)  # (n, steps)
+        ends = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, steps).tolist()
         replies, reply_logprobs = [], []
-        for row, lp in zip(tokens[:, :steps].tolist(), logprobs[:, :steps].tolist()):
-            k = steps  # a reply without the stop token runs to the last step
-            if self.stop_token_id is not None and self.stop_token_id in row:
-                k = row.index(self.stop_token_id) + 1
+        for row, lp, k in zip(tokens[:, :steps].tolist(), logprobs[:, :steps].tolist(), ends):
             replies.append(row[:k])
             reply_logprobs.append(lp[:k])
         return replies, reply_logprobs

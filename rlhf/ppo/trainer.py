@@ -75,7 +75,7 @@ from rlhf.ppo.sharding import full_state_dict, gathered, shard_frozen
 from rlhf.reward_scoring import RewardScorer
 from rlhf.rewards import Component, Episodes, build_rubric, component_values, describe, needs_reward_model
 from rlhf.rewards import token_scores as rubric_token_scores
-from rlhf.tokenizer import stop_token_id
+from rlhf.tokenizer import stop_token_ids
 from rlhf.validation import check_ppo
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,10 @@ class PPOTrainer:
         self.mini_batch_size = self.local_batch_size // cfg.num_mini_batches
         self.num_updates = cfg.total_episodes // cfg.batch_size
         self.group_size = cfg.num_generations if cfg.advantage in ("grpo", "rloo") else 1
-        self.stop_token_id = stop_token_id(tokenizer, cfg.stop_token)
+        # the EOS and every id of the policy's generation_config.eos_token_id (Qwen2.5: <|im_end|>, <|endoftext|>)
+        self.stop_token_ids = stop_token_ids(
+            tokenizer, cfg.stop_token, getattr(policy, "generation_config", None)
+        )
         set_seed(seed + acc.process_index)
 
         # models: the policy (and critic) train, their weights and optimizer state in float32 (low precision only in
@@ -507,7 +510,7 @@ class PPOTrainer:
                 seeds,
                 response_length=self.cfg.response_length,
                 temperature=self.cfg.temperature,
-                stop_token_id=self.stop_token_id,
+                stop_token_ids=self.stop_token_ids,
             )
 
     # ------------------------------------------------------------------ 2. score
@@ -537,7 +540,7 @@ class PPOTrainer:
         components = component_values(self.rubric, episodes)  # {name: (B,)}
         last = last_true_index(mask)  # (B,) the episode's last policy token
         token_scores = rubric_token_scores(self.rubric, components, ro.turn_rewards, last)  # (B, R)
-        if cfg.missing_eos_penalty is not None and self.stop_token_id is not None:
+        if cfg.missing_eos_penalty is not None and self.stop_token_ids:  # a turn that ended on no stop id
             token_scores -= cfg.missing_eos_penalty * (ro.turn_ends & ~ro.turn_eos).float()
         if cfg.normalize_scores:
             scores = token_scores.sum(1)

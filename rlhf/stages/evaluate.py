@@ -35,7 +35,7 @@ from rlhf.models import (
 from rlhf.reward_scoring import RewardScorer
 from rlhf.rewards import Component, Episodes, component_values
 from rlhf.stages.base import StageContext, StageResult, upstream_model
-from rlhf.tokenizer import stop_token_id
+from rlhf.tokenizer import stop_token_ids
 
 log = logging.getLogger("rlhf")
 
@@ -108,7 +108,7 @@ def evaluate_policy(
     from rlhf.ppo.rollout import rollout, sequence_logprobs
 
     e = cfg.evaluate
-    stop = stop_token_id(tokenizer, cfg.ppo.stop_token)
+    stop = stop_token_ids(tokenizer, cfg.ppo.stop_token, getattr(policy, "generation_config", None))
     temperature = e.temperature if e.temperature > 0 else 1.0
     gold, proxy, kl, length, success, rows = [], [], [], [], [], []
     components: dict[str, list[torch.Tensor]] = {c.name: [] for c in rubric}
@@ -121,7 +121,7 @@ def evaluate_policy(
             batch_seeds,
             response_length=cfg.ppo.response_length,
             temperature=e.temperature,
-            stop_token_id=stop,
+            stop_token_ids=stop,
         )
         ref = sequence_logprobs(  # the SFT policy's KL to itself is 0 up to float rounding
             reference,

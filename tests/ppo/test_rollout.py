@@ -21,7 +21,7 @@ def play(model, tokenizer, env_cls, n=8, response_length=6, temperature=1.0, sto
         list(range(seed0, seed0 + n)),
         response_length=response_length,
         temperature=temperature,
-        stop_token_id=tokenizer.eos_token_id if stop else None,
+        stop_token_ids={tokenizer.eos_token_id} if stop else None,
     )
 
 

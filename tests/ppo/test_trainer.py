@@ -353,8 +353,11 @@ def test_reward_model_scores_the_last_token_of_each_episode(tokenizer, tmp_path)
     trainer = make_trainer(tokenizer, tmp_path, cfg, env=DialogueEnv, reward_model=reward_model)
     ro = trainer._rollout()
     scores = trainer.reward_scorer.score(ro)
+    eos = tokenizer.eos_token_id
+    assert not ro.ended_with_eos[:, 2].all(), "some last replies should be cut at the length limit"
     for i in range(len(ro)):
-        ids = ro.query_responses[i][ro.attention_mask[i].bool()][None]
+        ids = ro.query_responses[i][ro.attention_mask[i].bool()].tolist()
+        ids = torch.tensor([ids + ([eos] if ids[-1] != eos else [])])  # a cut last reply: closed by the eos
         with torch.no_grad():
             expected = reward_model(input_ids=ids).logits[0, 0]  # HF's own pooling, no padding at all
         assert scores[i].item() == pytest.approx(expected.item(), abs=1e-5)

@@ -57,7 +57,7 @@ def test_chunked_head_equals_full_logits_in_values_and_gradients(tokenizer, lora
     envs = [DialogueEnv() for _ in range(4)]
     torch.manual_seed(0)
     ro = rollout(
-        model, tokenizer, envs, [0, 1, 2, 3], response_length=5, stop_token_id=tokenizer.eos_token_id
+        model, tokenizer, envs, [0, 1, 2, 3], response_length=5, stop_token_ids={tokenizer.eos_token_id}
     )
     head = output_head(model)
     assert head is not None and head.bias is not None
