@@ -55,7 +55,7 @@ from rlhf.ppo.checkpoint import (
     save_checkpoint,
 )
 from rlhf.ppo.critic_process import CriticProcess, critic_micro_loss, critic_values
-from rlhf.ppo.kl import kl_penalty, make_kl_controller
+from rlhf.ppo.kl import kl_penalty, logprob_mismatch, make_kl_controller
 from rlhf.ppo.losses import kl_loss, policy_loss
 from rlhf.ppo.ops import (
     last_true_index,
@@ -619,7 +619,7 @@ class PPOTrainer:
         """num_ppo_epochs passes of num_mini_batches shuffled minibatches; stops early above target_kl."""
         cfg = self.cfg
         stats: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for _ in range(cfg.num_ppo_epochs):
+        for epoch in range(cfg.num_ppo_epochs):
             order = torch.randperm(self.local_batch_size).to(ro.query_ids.device)
             minibatches = [
                 order[start : start + self.mini_batch_size]
@@ -633,9 +633,10 @@ class PPOTrainer:
                 ]
                 self.critic_process.start_steps(plan, cfg.vf_coef)
             epoch_kl = []
-            for idx in minibatches:
+            for i, idx in enumerate(minibatches):
+                first = epoch == 0 and i == 0
                 mb = self._minibatch_step(
-                    ro, idx, advantages[idx], returns[idx], values[idx], ref_logprobs[idx]
+                    ro, idx, advantages[idx], returns[idx], values[idx], ref_logprobs[idx], first
                 )
                 for name, value in mb.items():
                     stats[name].append(value)
@@ -662,9 +663,10 @@ class PPOTrainer:
         returns: torch.Tensor,
         old_values: torch.Tensor,
         ref_logprobs: torch.Tensor,
+        first: bool = False,
     ) -> dict[str, torch.Tensor]:
         """One gradient step of the policy (and the in-process critic) on the episodes `idx`; tensors (b, R). Returns
-        its stats.
+        its stats; the update's `first` minibatch, seen before any step, also measures the sampler's mismatch.
 
         With ppo.micro_batch_size the minibatch's forward/backward runs a micro-batch at a time, each loss weighted
         by its share of the minibatch's action tokens, so the accumulated gradient (and every stat) is the whole
@@ -677,7 +679,13 @@ class PPOTrainer:
             # gradients are all-reduced once, in the minibatch's last backward
             with nullcontext() if k == len(parts) - 1 else self._no_sync():
                 loss, out = self._micro_loss(
-                    ro, idx[part], advantages[part], returns[part], old_values[part], ref_logprobs[part]
+                    ro,
+                    idx[part],
+                    advantages[part],
+                    returns[part],
+                    old_values[part],
+                    ref_logprobs[part],
+                    first,
                 )
                 # every process checks before the backward's gradient all-reduce, so a NaN on one stops all of them
                 self._check_finite("loss", loss, "lower ppo.learning_rate or check rewards")
@@ -709,8 +717,10 @@ class PPOTrainer:
         returns: torch.Tensor,
         old_values: torch.Tensor,
         ref_logprobs: torch.Tensor,
+        mismatch: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The PPO loss of the episodes `idx` (masked means over their action tokens) and its detached stats."""
+        """The PPO loss of the episodes `idx` (masked means over their action tokens) and its detached stats; with
+        `mismatch` (no step taken yet) also how far the sampler's log-probabilities are from this forward's."""
         cfg = self.cfg
         Q = ro.context_length
         query_responses, attention_mask = ro.query_responses[idx], ro.attention_mask[idx]
@@ -729,6 +739,9 @@ class PPOTrainer:
             "policy/entropy_avg": entropy_avg.detach(),
             "val/ratio": pg_stats["ratio"],
         }
+        if mismatch:
+            gap, gap_kl = logprob_mismatch(ro.logprobs[idx], logprobs, mask)
+            out["rollout/logprob_mismatch"], out["rollout/logprob_mismatch_kl"] = gap, gap_kl
         if cfg.kl_in == "loss":  # GRPO's beta term: the KL to the reference of the current policy
             kl = kl_loss(logprobs, ref_logprobs, mask, cfg.kl_estimator)
             loss = loss + self.kl_ctl.value * kl

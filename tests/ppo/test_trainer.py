@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -786,3 +787,24 @@ def test_first_minibatch_ratio_is_one_at_any_temperature(tokenizer, tmp_path, te
     metrics, _ = make_trainer(tokenizer, tmp_path, cfg).step()
     assert metrics["val/ratio"] == pytest.approx(1.0, abs=1e-6)
     assert metrics["policy/approxkl_avg"] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_the_sampler_mismatch_is_logged_near_zero_and_shows_a_gap_between_sampler_and_update(
+    tokenizer, tmp_path, monkeypatch
+):
+    cfg = replace(BASE, num_ppo_epochs=2, num_mini_batches=2, total_episodes=16)
+    trainer = make_trainer(tokenizer, tmp_path, cfg)
+    metrics, _ = trainer.step()
+    assert metrics["rollout/logprob_mismatch"] < 1e-5 and abs(metrics["rollout/logprob_mismatch_kl"]) < 1e-8
+
+    rollout = trainer._rollout
+
+    def shifted():  # a sampler that computes another distribution: every sampled token 0.1 nats likelier
+        ro = rollout()
+        ro.logprobs = torch.where(ro.action_mask, ro.logprobs + 0.1, ro.logprobs)
+        return ro
+
+    monkeypatch.setattr(trainer, "_rollout", shifted)
+    metrics, _ = trainer.step()
+    assert metrics["rollout/logprob_mismatch"] == pytest.approx(0.1, abs=1e-4)
+    assert metrics["rollout/logprob_mismatch_kl"] == pytest.approx(math.expm1(-0.1) + 0.1, rel=1e-3)
