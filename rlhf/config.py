@@ -199,7 +199,9 @@ class PPOConfig:
     missing_eos_penalty: float | None = None
     """Subtracted from the score of a turn that ends without the stop token."""
     stop_token: str | None = "eos"
-    """Token that ends a turn: eos (the tokenizer's EOS) | null (only the length limit)."""
+    """Token that ends a turn: eos (the tokenizer's EOS and every id of the model's `generation_config.eos_token_id`,
+    e.g. Qwen2.5's <|im_end|> and <|endoftext|>) | a token of the vocabulary (that one only) | null (the length
+    limit only)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     save_every: int = 0
