@@ -217,6 +217,68 @@ def merge_lora(model):
     return model
 
 
+SAMPLED_LAYER_TYPES = ("full_attention", "sliding_attention")
+"""Decoder layer kinds the PPO sampler decodes (`rlhf.ppo.decoder`): attention over a key/value cache."""
+
+
+def layer_types(config) -> list[str]:
+    """Each decoder layer's kind as transformers' cache sees it: full_attention, sliding_attention, or a recurrent
+    kind (linear_attention for Mamba-style and linear-attention layers, conv for LFM2's convolutions, ...)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    return list(get_layer_types_and_kwargs(config)[0])
+
+
+def check_sampler_support(config, where: str) -> None:
+    """A model whose layers keep a recurrent state (Mamba, LFM2, Qwen3-Next, Jamba, ...) or attend in chunks cannot be
+    sampled by PPO's KV-cache decoder: ValueError naming the model and what to do."""
+    other = sorted(set(layer_types(config)) - set(SAMPLED_LAYER_TYPES))
+    if other:
+        model_type = getattr(config, "model_type", None) or type(config).__name__
+        raise ValueError(
+            f"{where} ({model_type}) has {', '.join(other)} layers, which keep a recurrent state or attend in chunks; "
+            "the ppo and evaluate stages sample with a key/value cache of full or sliding-window attention only: "
+            "use a transformer such as Llama, Qwen2/3, Mistral, Gemma 2/3, Phi-3 or GPT-2 as the policy "
+            "(this model can still run the sft and reward stages)"
+        )
+
+
+def lora_layers(model) -> list[tuple[str, object]]:
+    """(name, module) of every peft LoRA layer of `model` (none for a plain model)."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+
+
+def plain_lora_problem(module, adapter: str) -> str | None:
+    """Why adapter `adapter` of a peft LoRA layer is not plain LoRA (W + scale * B @ A), or None when it is.
+
+    Plain means: no LoRA variant (DoRA, aLoRA, and any other peft `lora_variant`), a Linear base layer stored
+    (out, in) (no fan_in_fan_out)."""
+    if getattr(module, "use_dora", {}).get(adapter):
+        return "DoRA (use_dora)"
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if variant is not None:
+        return f"the LoRA variant {type(variant).__name__}"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out"
+    return None
+
+
+def check_adapters_for_sampling(model) -> None:
+    """aLoRA adapters switch on at their invocation tokens, found by peft in each forward's own input ids; the sampler
+    feeds a few new tokens per forward over a cache, so peft would never see them (and peft cannot merge aLoRA for
+    saving either): ValueError before any update."""
+    config = getattr(model, "peft_config", None)
+    for name, adapter_config in (config or {}).items():
+        if getattr(adapter_config, "alora_invocation_tokens", None):
+            raise ValueError(
+                f"adapter {name!r} is an aLoRA (alora_invocation_tokens): PPO samples with a KV cache a few tokens "
+                "per forward, which peft's aLoRA offsets do not follow, and aLoRA cannot be merged to save the "
+                "policy; train a plain LoRA adapter (peft LoraConfig without alora_invocation_tokens)"
+            )
+
+
 def merge_lora_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -250,8 +312,13 @@ def merged_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.
     drop: set[str] = set()
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-            if any(getattr(module, "use_dora", {}).values()):
-                raise NotImplementedError(f"{name}: merging DoRA adapters from a state dict")
+            for adapter in module.active_adapters:
+                problem = adapter in module.lora_A and plain_lora_problem(module, adapter)
+                if problem and problem != "fan_in_fan_out":  # fan_in_fan_out: merged transposed below
+                    raise ValueError(
+                        f"{name}: adapter {adapter!r} uses {problem}, which this merge (plain LoRA, W + scale * B @ A) "
+                        "would get wrong; train plain LoRA adapters to save the policy from sharded (FSDP) weights"
+                    )
             adapters = [
                 (
                     state[f"{name}.lora_A.{adapter}.weight"],

@@ -320,6 +320,23 @@ def check_policy_tokens(cfg: RLHFConfig, stages: list[str]) -> None:
         stop_token_ids(tokenizer, cfg.ppo.stop_token)
 
 
+def check_policy_architecture(cfg: RLHFConfig, stages: list[str]) -> None:
+    """The ppo and evaluate stages sample the policy with a key/value cache: a local model whose layers keep a
+    recurrent state (Mamba, LFM2, Qwen3-Next, ...) is refused here, before SFT or the reward model train for nothing.
+    A hub id is not read here (the sampler refuses it at the first rollout)."""
+    if not {"ppo", "evaluate"} & set(stages):
+        return
+    key = "ppo.policy_path" if cfg.ppo.policy_path else "model.name_or_path"
+    source = cfg.ppo.policy_path or cfg.model.name_or_path
+    if not source or not Path(source).is_dir():  # the tiny model is a Llama
+        return
+    from transformers import AutoConfig
+
+    from rlhf.models import check_sampler_support
+
+    check_sampler_support(AutoConfig.from_pretrained(source), f"{key}={source}")
+
+
 CHECKS: tuple[Callable[[RLHFConfig, list[str]], None], ...] = (
     check_numbers,
     check_model_and_device,
@@ -329,5 +346,6 @@ CHECKS: tuple[Callable[[RLHFConfig, list[str]], None], ...] = (
     check_paths,
     check_user_data,
     check_policy_tokens,
+    check_policy_architecture,
 )
 """Every rule after the generic ones, cheapest first: each takes (cfg, stages) and raises ValueError."""

@@ -21,27 +21,78 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from rlhf.models import merge_lora_linear
+from rlhf.models import check_adapters_for_sampling, merge_lora_linear, plain_lora_problem
 
 
 class HFDecoder:
-    """Any causal LM through its own forward with a DynamicCache (holes in the key mask are padding)."""
+    """Any causal LM through its own forward, with a transformers `DynamicCache` and attention masks of its own.
+
+    The cache holds masked holes (left padding, the steps after a finished reply, the padding that right-aligns a
+    turn's new tokens), and positions count real tokens only. Left to itself, transformers would build the masks from
+    the 2D key mask in cache columns: a sliding window of W columns then covers fewer than W real tokens on a row
+    with holes (the logits drift), and a cache built from the model's config would crop sliding-window layers to
+    their last W columns. So the cache keeps every column (plain `DynamicLayer`s) and each forward gets its masks
+    precomputed: causal over the cache's columns, holes masked, and on sliding-window layers only the keys whose
+    position is within the window of the query's position, i.e. the window counted in real tokens, as the model's
+    forward over the unpadded sequence counts it. The mask takes the form the attention implementation reads (SDPA:
+    bool, True = attend; eager: additive float); models with several layer types get a dict by layer type.
+    Other implementations (flash attention unpads by the 2D key mask, flex attention builds a block mask) get the 2D
+    key mask as before, and transformers builds their masks (untested here: they need a GPU or a compiler); one with
+    no mask function registered in transformers would attend to padding and is refused.
+
+    Models with recurrent or linear-attention layers (Mamba, LFM2's convolutions, Qwen3-Next) keep a state, not a
+    key/value cache, and are refused (`rlhf.models.check_sampler_support`).
+    """
 
     def __init__(self, model: nn.Module) -> None:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+
+        from rlhf.models import check_sampler_support, layer_types
+
         self.model = model
-        self.cache = DynamicCache()
+        self.cache = DynamicCache()  # without a config: every layer a full, non-cropping DynamicLayer
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = (
+            base.config.get_text_config(decoder=True)
+            if hasattr(base.config, "get_text_config")
+            else base.config
+        )
+        check_sampler_support(config, type(base).__name__)
+        check_adapters_for_sampling(model)
         import inspect
 
         self._kwargs = (
             {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
         )
+        types = layer_types(config)
+        self.layer_types = sorted(set(types))
+        self.window = getattr(config, "sliding_window", None) if "sliding_attention" in types else None
+        implementation = getattr(config, "_attn_implementation", None) or "eager"
+        interface = (
+            ALL_MASK_ATTENTION_FUNCTIONS[implementation]
+            if implementation in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys()
+            else None
+        )
+        if interface is None and implementation != "eager":
+            raise ValueError(
+                f"attention implementation {implementation!r} has no mask function in transformers' "
+                "AttentionMaskInterface, so the model would attend to padding; register one beside it "
+                "(as rlhf.attention registers sdpa_mask for its SDPA variant)"
+            )
+        # "bool" (SDPA's convention), "float" (eager's additive mask), None: the 2D key mask, from which
+        # transformers builds the mask itself (flash attention unpads, flex attention builds a block mask)
+        self.mask_kind = {sdpa_mask: "bool", eager_mask: "float", None: "float"}.get(interface)
+        self.mask_dtype = base.get_input_embeddings().weight.dtype
+        self.positions = None  # (n, L) position of every cached column (holes: a neighbour's, never attended)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """ids, positions (n, w) new tokens; key_mask (n, L) over cached + new tokens -> last column's logits (n, V)."""
+        self.positions = (
+            positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
+        )
         out = self.model(
             input_ids=ids,
-            attention_mask=key_mask,
+            attention_mask=self._masks(positions, key_mask),
             position_ids=positions,
             cache=self.cache,
             use_cache=True,
@@ -50,15 +101,46 @@ class HFDecoder:
         self.cache = out.cache
         return out.logits[:, -1]
 
+    def _masks(
+        self, positions: torch.Tensor, key_mask: torch.Tensor
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The attention mask(s) of one forward: (n, 1, w, L) per layer type, in the implementation's convention."""
+        if self.mask_kind is None:
+            return key_mask
+        n, w = positions.shape
+        end = key_mask.shape[1]
+        causal = torch.ones((w, end), dtype=torch.bool, device=key_mask.device).tril(diagonal=end - w)
+        allowed = key_mask.bool()[:, None, :] & causal  # (n, w, L): real keys up to the query's own column
+        masks = {"full_attention": allowed}
+        if self.window is not None:  # keys within the window of the query's position, counted in real tokens
+            distance = positions[:, :, None] - self.positions[:, None, :]  # (n, w, L)
+            masks["sliding_attention"] = allowed & (distance < self.window)
+        out = {}
+        for kind in self.layer_types:
+            m = masks[kind]
+            m = (m | ~m.any(-1, keepdim=True))[
+                :, None
+            ]  # a query with no key (padding) sees all: finite, never read
+            if self.mask_kind == "float":
+                m = torch.zeros(m.shape, dtype=self.mask_dtype, device=m.device).masked_fill(
+                    ~m, torch.finfo(self.mask_dtype).min
+                )
+            out[kind] = m
+        return out[self.layer_types[0]] if len(out) == 1 else out
+
     def select(self, index: torch.Tensor) -> None:
         self.cache.reorder_cache(index)  # index_select on every layer's keys and values (repeats allowed)
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, index)
 
 
 def _effective(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A linear layer's weight and bias as its forward applies them: active LoRA adapters merged in.
 
     The merge is `rlhf.models.merge_lora_linear` (float32, kept in W's dtype); the model's own weights are not touched.
-    Raises NotImplementedError for layers this engine does not know (quantized, DoRA, ...).
+    Raises NotImplementedError for layers this engine does not know (quantized) and for adapters that are not plain
+    LoRA (DoRA, aLoRA or any other peft LoRA variant, fan_in_fan_out: `rlhf.models.plain_lora_problem`): the
+    sampler then runs the model's own (peft's) forward instead.
     """
     if type(module) is nn.Linear:
         return module.weight, module.bias
@@ -71,8 +153,9 @@ def _effective(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     for name in module.active_adapters:
         if name not in module.lora_A:
             continue
-        if getattr(module, "use_dora", {}).get(name) or getattr(module, "fan_in_fan_out", False):
-            raise NotImplementedError("DoRA / fan_in_fan_out adapters")
+        problem = plain_lora_problem(module, name)
+        if problem:
+            raise NotImplementedError(f"adapter {name!r}: {problem}")
         lora_a, lora_b = module.lora_A[name], module.lora_B[name]
         adapters.append((lora_a.weight, lora_b.weight, lora_b.bias, module.scaling[name]))
     return merge_lora_linear(base.weight, base.bias, adapters)
@@ -243,7 +326,10 @@ class LlamaDecoder:
 
 
 def make_decoder(model: nn.Module) -> HFDecoder | LlamaDecoder:
-    """The fast Llama engine where the model is one, else the model's own forward."""
+    """The fast Llama engine where the model is one (and its adapters merge exactly), else the model's own forward.
+
+    ValueError for what neither engine samples right: recurrent-state layers, aLoRA adapters."""
+    check_adapters_for_sampling(model)
     try:
         return LlamaDecoder(model)
     except NotImplementedError:
