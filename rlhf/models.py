@@ -265,6 +265,28 @@ def plain_lora_problem(module, adapter: str) -> str | None:
     return None
 
 
+def check_state_dict_mergeable(name: str, module) -> None:
+    """`merged_state_dict` merges plain LoRA only (fan_in_fan_out transposed): ValueError for a LoRA variant."""
+    for adapter in module.active_adapters:
+        problem = adapter in module.lora_A and plain_lora_problem(module, adapter)
+        if problem and problem != "fan_in_fan_out":
+            raise ValueError(
+                f"{name}: adapter {adapter!r} uses {problem}, which the merge of a sharded (FSDP) model's state dict "
+                "(plain LoRA: W + scale * B @ A) would get wrong; train plain LoRA adapters, or without FSDP "
+                "(peft merges its own variants when the model is whole)"
+            )
+
+
+def check_adapters(model, sharded: bool = False) -> None:
+    """Before training: adapters PPO can sample and save. aLoRA never (`check_adapters_for_sampling`); LoRA variants
+    (DoRA, ...) sample through peft's own forward and save through peft's merge, but not from a sharded (FSDP) state
+    dict (`sharded=True`: `merged_state_dict`)."""
+    check_adapters_for_sampling(model)
+    if sharded:
+        for name, module in lora_layers(model):
+            check_state_dict_mergeable(name, module)
+
+
 def check_adapters_for_sampling(model) -> None:
     """aLoRA adapters switch on at their invocation tokens, found by peft in each forward's own input ids; the sampler
     feeds a few new tokens per forward over a cache, so peft would never see them (and peft cannot merge aLoRA for
@@ -312,13 +334,7 @@ def merged_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.
     drop: set[str] = set()
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-            for adapter in module.active_adapters:
-                problem = adapter in module.lora_A and plain_lora_problem(module, adapter)
-                if problem and problem != "fan_in_fan_out":  # fan_in_fan_out: merged transposed below
-                    raise ValueError(
-                        f"{name}: adapter {adapter!r} uses {problem}, which this merge (plain LoRA, W + scale * B @ A) "
-                        "would get wrong; train plain LoRA adapters to save the policy from sharded (FSDP) weights"
-                    )
+            check_state_dict_mergeable(name, module)
             adapters = [
                 (
                     state[f"{name}.lora_A.{adapter}.weight"],

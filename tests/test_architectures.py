@@ -300,10 +300,11 @@ def random_adapters(model):
 
 def test_dora_runs_peft_forward_in_the_sampler_and_is_refused_by_the_state_dict_merge(saved):
     """DoRA is not W + s * B @ A: the Llama engine does not merge it (the sampler runs peft's forward, which is
-    exact), and the state-dict merge (FSDP export) refuses it instead of saving wrong weights."""
+    exact), and the state-dict merge (FSDP export) refuses it instead of saving wrong weights: under FSDP the
+    trainer refuses it before training."""
     from peft import LoraConfig, get_peft_model
 
-    from rlhf.models import merged_state_dict
+    from rlhf.models import check_adapters, merged_state_dict
     from rlhf.ppo.decoder import make_decoder
 
     model = random_adapters(
@@ -315,22 +316,34 @@ def test_dora_runs_peft_forward_in_the_sampler_and_is_refused_by_the_state_dict_
     assert type(make_decoder(model)) is HFDecoder
     diffs = check_sampler(model, load_tokenizer(saved["llama"]))
     assert max(diffs.values()) < TOLERANCE, diffs
+    check_adapters(model)  # trained whole, peft merges DoRA itself at export
+    with pytest.raises(ValueError, match="DoRA"):
+        check_adapters(model, sharded=True)  # under FSDP: refused when the trainer is built
     with pytest.raises(ValueError, match="DoRA"):
         merged_state_dict(model, model.state_dict())
 
 
-def test_alora_is_refused_before_sampling(saved):
+def test_alora_is_refused_before_training(saved, tmp_path, float32_accelerator):
     """aLoRA adapters switch on at their invocation tokens, which peft looks for in each forward's own input ids:
-    a sampler that feeds a token at a time over a KV cache would run the base model. Refused with what to do."""
+    a sampler that feeds a token at a time over a KV cache would run the base model, and peft cannot merge aLoRA
+    to save the policy. The trainer refuses it when built, the decoder and the state-dict merge too."""
     from peft import LoraConfig, get_peft_model
 
+    from rlhf.config import PPOConfig
     from rlhf.models import merged_state_dict
     from rlhf.ppo.decoder import make_decoder
+    from rlhf.ppo.trainer import PPOTrainer
+    from tests.architectures import RaggedDialogueEnv
 
     tokenizer = load_tokenizer(saved["llama"])
     invocation = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=invocation)
     model = random_adapters(get_peft_model(load_causal_lm(saved["llama"]), config))
+    cfg = PPOConfig(reward_source="env", total_episodes=8, batch_size=8, advantage="grpo", num_generations=2)
+    with pytest.raises(ValueError, match="aLoRA.*plain LoRA"):
+        PPOTrainer(
+            cfg, model, tokenizer, RaggedDialogueEnv, output_dir=tmp_path, accelerator=float32_accelerator
+        )
     with pytest.raises(ValueError, match="aLoRA.*plain LoRA"):
         make_decoder(model)
     with pytest.raises(ValueError, match="ALoraLinearVariant"):

@@ -45,7 +45,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch import nn
 
 from rlhf.console import ppo_line, progress
-from rlhf.models import merge_lora, merged_state_dict
+from rlhf.models import check_adapters, merge_lora, merged_state_dict
 from rlhf.ppo.advantages import gae, group_token_advantages
 from rlhf.ppo.checkpoint import (
     checkpoint_root,
@@ -263,6 +263,10 @@ class PPOTrainer:
                 "float16 mixed precision (model.dtype=float16) scales the loss for one optimizer at a time and "
                 "would mis-scale the critic's; use model.dtype=bfloat16 or float32, or ppo.advantage=grpo|rloo"
             )
+        # adapters the sampler and the export cannot handle (aLoRA; LoRA variants merged from FSDP's state dict)
+        for model in (policy, critic):
+            if model is not None:
+                check_adapters(model, sharded=self.acc.distributed_type == DistributedType.FSDP)
 
     def _start_critic_process(self) -> CriticProcess | None:
         """With ppo.critic_process, the worker that trains the critic. It gets half of this process's CPU threads (at
