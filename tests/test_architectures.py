@@ -480,13 +480,10 @@ def test_first_ppo_update_sees_zero_kl(saved, tmp_path, float32_accelerator, nam
     trainer.close()
 
 
-PIPELINE = ["qwen2", "gemma2", "gpt2"]
-"""One pipeline run each: mixed full/sliding layers (SDPA), eager attention with soft-capping, learned positions."""
-
-
-@pytest.mark.parametrize("name", PIPELINE)
+@pytest.mark.parametrize("name", NAMES)
 def test_ppo_and_evaluate_through_the_pipeline(saved, tmp_path, name):
-    """`model=hf model.name_or_path=<dir>`: two PPO updates and the evaluation, float32, rewards from the task."""
+    """`model=hf model.name_or_path=<dir>` on the multi-turn guess task: two PPO updates and the evaluation in
+    float32, rewards from the environment."""
     import json
 
     from rlhf.cli import compose
@@ -499,8 +496,7 @@ def test_ppo_and_evaluate_through_the_pipeline(saved, tmp_path, name):
         "model.dtype=float32",
         f"ppo.policy_path={saved[name]}",
         "stages=[ppo,evaluate]",
-        "ppo.reward_source=env",
-        "ppo.critic_init=sft",
+        "experiment=guess",  # multi-turn, rewards from the environment, the critic from the policy
         "logger=none",
         *TINY_PPO,
     ]

@@ -73,15 +73,15 @@ class HFDecoder:
             if implementation in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys()
             else None
         )
-        if interface is None and implementation != "eager":
+        if interface is None:
             raise ValueError(
                 f"attention implementation {implementation!r} has no mask function in transformers' "
                 "AttentionMaskInterface, so the model would attend to padding; register one beside it "
                 "(as rlhf.attention registers sdpa_mask for its SDPA variant)"
             )
-        # "bool" (SDPA's convention), "float" (eager's additive mask), None: the 2D key mask, from which
-        # transformers builds the mask itself (flash attention unpads, flex attention builds a block mask)
-        self.mask_kind = {sdpa_mask: "bool", eager_mask: "float", None: "float"}.get(interface)
+        # "bool" (SDPA's convention: True = attend), "float" (eager's additive mask), None: the 2D key mask, from
+        # which transformers builds the mask itself (flash attention unpads, flex attention builds a block mask)
+        self.mask_kind = {sdpa_mask: "bool", eager_mask: "float"}.get(interface)
         self.mask_dtype = base.get_input_embeddings().weight.dtype
         self.positions = None  # (n, L) position of every cached column (holes: a neighbour's, never attended)
 
@@ -107,8 +107,7 @@ class HFDecoder:
         """The attention mask(s) of one forward: (n, 1, w, L) per layer type, in the implementation's convention."""
         if self.mask_kind is None:
             return key_mask
-        n, w = positions.shape
-        end = key_mask.shape[1]
+        w, end = positions.shape[1], key_mask.shape[1]
         causal = torch.ones((w, end), dtype=torch.bool, device=key_mask.device).tril(diagonal=end - w)
         allowed = key_mask.bool()[:, None, :] & causal  # (n, w, L): real keys up to the query's own column
         masks = {"full_attention": allowed}
@@ -118,9 +117,8 @@ class HFDecoder:
         out = {}
         for kind in self.layer_types:
             m = masks[kind]
-            m = (m | ~m.any(-1, keepdim=True))[
-                :, None
-            ]  # a query with no key (padding) sees all: finite, never read
+            # a query with no key to attend (padding) sees all: finite, and never read
+            m = (m | ~m.any(-1, keepdim=True))[:, None]
             if self.mask_kind == "float":
                 m = torch.zeros(m.shape, dtype=self.mask_dtype, device=m.device).masked_fill(
                     ~m, torch.finfo(self.mask_dtype).min
