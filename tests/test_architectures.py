@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
-from rlhf.ppo.decoder import HFDecoder, LlamaDecoder
+from rlhf.ppo.decoder import HFDecoder, LlamaDecoder, make_decoder
 from rlhf.ppo.sampler import KVSampler
 from tests.architectures import (
     ARCHITECTURES,
@@ -46,16 +46,12 @@ def saved(tmp_path_factory):
     return {name: build_causal_lm(name, root / name, tokenizer=tokenizer) for name in NAMES}
 
 
-def chat_ids(tokenizer, text: str, first: bool) -> list[int]:
-    """A user turn laid out by the chat template: the first one with BOS, a later one after the reply's end."""
-    if first:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-        )
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(
-        f"<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """A first user turn laid out by the chat template (BOS, ChatML, the generation prompt)."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
     )
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def alone_logits(model, tokens: list[int]) -> torch.Tensor:
@@ -83,7 +79,7 @@ def check_sampler(model, tokenizer, device: str = "cpu") -> dict[str, float]:
     """Drive a KVSampler through two turns of a ragged batch, comparing with the model alone; returns the max diffs."""
     model.to(device).eval()
     texts = ["go x", "go alpha beta gamma delta x y z alpha beta", "go y z alpha"]
-    contexts = [chat_ids(tokenizer, t, first=True) for t in texts]
+    contexts = [prompt_ids(tokenizer, t) for t in texts]
     assert len({len(c) for c in contexts}) == 3 and max(len(c) for c in contexts) > WINDOW
     stop = stop_token_for_holes(model, tokenizer, contexts, 8, seed=0)
     s = KVSampler(model, temperature=1.0, stop_token_id=stop, pad_token_id=tokenizer.pad_token_id)
@@ -114,9 +110,7 @@ def check_sampler(model, tokenizer, device: str = "cpu") -> dict[str, float]:
         s.extend(blocks)
         episodes = [e + r + b for e, r, b in zip(episodes, replies, blocks)]
         compare(f"turn {turn} next turn (right-aligned blocks)", episodes)
-        if (
-            turn == 0
-        ):  # drop a row and repeat another, as the rollout keeps live episodes and groups share prompts
+        if turn == 0:  # drop a row, repeat another: the rollout keeps live episodes, groups share prompts
             s.keep([2, 1, 1])
             episodes = [episodes[2], episodes[1], episodes[1]]
             compare("kept rows", episodes)
@@ -133,9 +127,10 @@ def engines(name: str) -> list[str]:
 def test_sampler_logits_equal_the_models_own_forward_alone(saved, monkeypatch, name, engine):
     model = load_causal_lm(saved[name])
     tokenizer = load_tokenizer(saved[name])
-    decoder = {"llama": LlamaDecoder, "hf": HFDecoder}[engine]
-    if name != "llama" or engine == "hf":
-        monkeypatch.setattr("rlhf.ppo.sampler.make_decoder", decoder)
+    assert type(make_decoder(model)) is (
+        LlamaDecoder if name == "llama" else HFDecoder
+    )  # the sampler's choice
+    monkeypatch.setattr("rlhf.ppo.sampler.make_decoder", {"llama": LlamaDecoder, "hf": HFDecoder}[engine])
     diffs = check_sampler(model, tokenizer)
     assert max(diffs.values()) < TOLERANCE, diffs
 
@@ -152,7 +147,7 @@ def test_on_cuda_sampler_logits_equal_the_models_own_forward_alone(saved, name):
 
 def episode_batch(tokenizer) -> tuple[list[list[int]], list[list[int]]]:
     """Queries (chat prompts) and responses of different lengths, each longer than the sliding window."""
-    queries = [chat_ids(tokenizer, t, first=True) for t in ("go x", "go alpha beta gamma delta x y", "go z")]
+    queries = [prompt_ids(tokenizer, t) for t in ("go x", "go alpha beta gamma delta x y", "go z")]
     responses = [
         tokenizer.encode(t, add_special_tokens=False)
         for t in ("a b c d alpha beta gamma delta", "x", "the quick brown fox jumps over the lazy dog")
@@ -305,7 +300,6 @@ def test_dora_runs_peft_forward_in_the_sampler_and_is_refused_by_the_state_dict_
     from peft import LoraConfig, get_peft_model
 
     from rlhf.models import check_adapters, merged_state_dict
-    from rlhf.ppo.decoder import make_decoder
 
     model = random_adapters(
         get_peft_model(
@@ -331,7 +325,6 @@ def test_alora_is_refused_before_training(saved, tmp_path, float32_accelerator):
 
     from rlhf.config import PPOConfig
     from rlhf.models import merged_state_dict
-    from rlhf.ppo.decoder import make_decoder
     from rlhf.ppo.trainer import PPOTrainer
     from tests.architectures import RaggedDialogueEnv
 
@@ -395,7 +388,6 @@ def test_recurrent_state_models_are_refused_before_training(tmp_path):
     decoder refuses them too (a policy passed to the trainer directly)."""
     from rlhf.cli import compose
     from rlhf.models import check_sampler_support
-    from rlhf.ppo.decoder import make_decoder
     from rlhf.validation import validate
 
     lfm2 = tiny_lfm2(tmp_path / "lfm2")
@@ -512,3 +504,16 @@ def test_ppo_and_evaluate_through_the_pipeline(saved, tmp_path, name):
     assert all(
         torch.isfinite(torch.tensor(v)) for v in evaluation["metrics"].values() if isinstance(v, float)
     )
+
+
+def test_an_attention_without_a_registered_mask_is_refused_by_the_sampler(saved):
+    """transformers gives an attention implementation that has no mask function no mask at all (padding attended,
+    the bug `rlhf.attention` once had): the sampler refuses it rather than sample from a model that reads padding."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("sdpa_without_mask_for_test", sdpa_attention_forward)
+    model = load_causal_lm(saved["qwen2"])
+    model.set_attn_implementation("sdpa_without_mask_for_test")
+    with pytest.raises(ValueError, match="no mask function.*attend to padding"):
+        make_decoder(model)
