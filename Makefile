@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format bench clean smollm2 minilm
+.PHONY: demo test test-fast test-avx2 lint format bench clean smollm2 minilm
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ test: $(STAMP) lint smollm2 minilm
 ## The suite without the few slow end-to-end runs.
 test-fast: $(STAMP) lint
 	$(BIN)/pytest -q -m "not slow"
+
+## The tests marked `numerics` (their results depend on the CPU's kernels) again, with the kernels of an AVX2-only CPU
+## (no AVX-512, no AMX: the AMD EPYC machines) on whatever x86-64 CPU runs it; CI runs it after `make test`.
+AVX2_KERNELS := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+test-avx2: $(STAMP)
+	$(AVX2_KERNELS) $(BIN)/python -c "import torch; c = torch.backends.cpu.get_cpu_capability(); \
+		assert c in ('AVX2', 'DEFAULT', 'NO AVX'), f'torch ignored ATEN_CPU_CAPABILITY=avx2: {c}'; print('torch kernels:', c)"
+	$(AVX2_KERNELS) $(BIN)/pytest -q -m numerics
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
