@@ -64,7 +64,7 @@ def alone_logits(model, tokens: list[int]) -> torch.Tensor:
 def stop_token_for_holes(model, tokenizer, contexts: list[list[int]], steps: int, seed: int) -> int:
     """A stop token at which the replies sampled with `seed` end at different steps (rows that finish early leave
     holes in the cache): the replies are drawn once without a stop token, and the same seed draws them again."""
-    s = KVSampler(model, temperature=1.0, stop_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    s = KVSampler(model, temperature=1.0, stop_token_ids=None, pad_token_id=tokenizer.pad_token_id)
     s.start(contexts)
     torch.manual_seed(seed)
     replies, _ = s.sample(steps)
@@ -82,7 +82,7 @@ def check_sampler(model, tokenizer, device: str = "cpu") -> dict[str, float]:
     contexts = [prompt_ids(tokenizer, t) for t in texts]
     assert len({len(c) for c in contexts}) == 3 and max(len(c) for c in contexts) > WINDOW
     stop = stop_token_for_holes(model, tokenizer, contexts, 8, seed=0)
-    s = KVSampler(model, temperature=1.0, stop_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+    s = KVSampler(model, temperature=1.0, stop_token_ids={stop}, pad_token_id=tokenizer.pad_token_id)
     diffs = {}
     finished_early = 0
 
@@ -123,6 +123,7 @@ def engines(name: str) -> list[str]:
     return ["llama", "hf"] if name == "llama" else ["hf"]
 
 
+@pytest.mark.numerics  # padded against alone: other kernels on other CPUs
 @pytest.mark.parametrize(("name", "engine"), [(n, e) for n in NAMES for e in engines(n)])
 def test_sampler_logits_equal_the_models_own_forward_alone(saved, monkeypatch, name, engine):
     model = load_causal_lm(saved[name])
@@ -197,6 +198,7 @@ def check_scoring(model, tokenizer, device: str = "cpu") -> dict[str, float]:
     return {what: (lp.float() - alone).abs()[real].max().item() for what, lp in got.items()}
 
 
+@pytest.mark.numerics  # padded against alone: other kernels on other CPUs
 @pytest.mark.parametrize("name", NAMES)
 def test_scoring_forwards_give_each_row_its_own_log_probabilities(saved, name):
     diffs = check_scoring(load_causal_lm(saved[name]), load_tokenizer(saved[name]))
@@ -222,6 +224,7 @@ def conversations(tokenizer) -> list[list[int]]:
     return out
 
 
+@pytest.mark.numerics  # padded against alone: other kernels on other CPUs
 @pytest.mark.parametrize("name", NAMES)
 def test_reward_model_and_critic_on_a_causal_backbone_score_padded_rows_as_alone(saved, name):
     """load_reward_model from a causal LM (a fresh scalar head, as the reward stage and the critic start):
@@ -254,6 +257,7 @@ def test_reward_model_and_critic_on_a_causal_backbone_score_padded_rows_as_alone
     assert max(diffs.values()) < TOLERANCE, diffs
 
 
+@pytest.mark.numerics  # padded against alone: other kernels on other CPUs
 def test_bert_reward_model_with_its_own_tokenizer_scores_padded_rows_as_alone(tmp_path, saved):
     """A BERT (WordPiece tokenizer of its own) scores a policy's decoded conversations: the scorer's right-padded
     batch equals each conversation alone. (BERT pools its first token, [CLS]: it is only ever right-padded.)"""
@@ -434,6 +438,7 @@ def float32_accelerator():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.mark.numerics  # padded against alone: other kernels on other CPUs
 @pytest.mark.parametrize("name", NAMES)
 def test_first_ppo_update_sees_zero_kl(saved, tmp_path, float32_accelerator, name):
     """Update 1, one epoch of one minibatch: the sampler's log-probabilities are those the update's forward and the

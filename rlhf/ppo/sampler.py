@@ -50,7 +50,7 @@ class KVSampler:
     model: a causal LM (a peft model works) in eval mode. temperature 0 = greedy (log-probabilities then at
     temperature 1). stop_token_ids: any of them ends a reply and is kept as its last token (`rlhf.tokenizer.
     stop_token_ids`: the EOS and every id of the model's generation_config.eos_token_id); empty or None: every reply
-    runs to the length limit. stop_token_id: one stop id, the older spelling of stop_token_ids={id}.
+    runs to the length limit.
     """
 
     def __init__(
@@ -60,12 +60,10 @@ class KVSampler:
         temperature: float,
         stop_token_ids: Collection[int] | None = None,
         pad_token_id: int,
-        stop_token_id: int | None = None,
     ) -> None:
         self.model = model
         self.temperature = temperature
-        stops = set(stop_token_ids or ()) | ({stop_token_id} if stop_token_id is not None else set())
-        self.stop_token_ids = frozenset(stops)
+        self.stop_token_ids = frozenset(stop_token_ids or ())
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
         self._stops = torch.tensor(sorted(self.stop_token_ids), dtype=torch.long, device=self.device)  # (S,)

@@ -61,7 +61,7 @@ def reference_next_logits(model, tokens: list[int]) -> torch.Tensor:
 
 
 def sampler_for(model, tokenizer, temperature=1.0):
-    return KVSampler(model, temperature=temperature, stop_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    return KVSampler(model, temperature=temperature, stop_token_ids={tokenizer.eos_token_id}, pad_token_id=0)
 
 
 MODELS = {
