@@ -58,7 +58,7 @@ def tiny_tokenizer(vocab_size: int = 400):
     return build_bpe_tokenizer(TEXTS, vocab_size=vocab_size, model_max_length=256)
 
 
-def _special(tokenizer) -> dict[str, Any]:
+def special_ids(tokenizer) -> dict[str, Any]:
     return {
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
@@ -70,7 +70,7 @@ def _special(tokenizer) -> dict[str, Any]:
 
 def _llama(tok):
     return transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**SMALL, **_special(tok), num_key_value_heads=2, tie_word_embeddings=True)
+        transformers.LlamaConfig(**SMALL, **special_ids(tok), num_key_value_heads=2, tie_word_embeddings=True)
     )
 
 
@@ -78,7 +78,7 @@ def _qwen2(tok):
     return transformers.Qwen2ForCausalLM(
         transformers.Qwen2Config(
             **{**SMALL, "num_hidden_layers": 3},
-            **_special(tok),
+            **special_ids(tok),
             num_key_value_heads=2,
             use_sliding_window=True,
             sliding_window=WINDOW,
@@ -92,7 +92,7 @@ def _qwen3(tok):
     return transformers.Qwen3ForCausalLM(
         transformers.Qwen3Config(
             **{**SMALL, "num_hidden_layers": 3},
-            **_special(tok),
+            **special_ids(tok),
             num_key_value_heads=2,
             head_dim=8,
             use_sliding_window=True,
@@ -104,7 +104,7 @@ def _qwen3(tok):
 
 def _mistral(tok):
     return transformers.MistralForCausalLM(
-        transformers.MistralConfig(**SMALL, **_special(tok), num_key_value_heads=2, sliding_window=WINDOW)
+        transformers.MistralConfig(**SMALL, **special_ids(tok), num_key_value_heads=2, sliding_window=WINDOW)
     )
 
 
@@ -112,7 +112,7 @@ def _gemma2(tok):
     return transformers.Gemma2ForCausalLM(
         transformers.Gemma2Config(
             **SMALL,
-            **_special(tok),
+            **special_ids(tok),
             num_key_value_heads=2,
             head_dim=8,
             query_pre_attn_scalar=8,
@@ -128,7 +128,7 @@ def _gemma3(tok):
     return transformers.Gemma3ForCausalLM(
         transformers.Gemma3TextConfig(
             **SMALL,
-            **_special(tok),
+            **special_ids(tok),
             num_key_value_heads=2,
             head_dim=8,
             query_pre_attn_scalar=8,
@@ -142,7 +142,7 @@ def _phi3(tok):
     return transformers.Phi3ForCausalLM(
         transformers.Phi3Config(
             **SMALL,
-            **_special(tok),
+            **special_ids(tok),
             num_key_value_heads=2,
             sliding_window=WINDOW,
             resid_pdrop=0.0,
@@ -152,7 +152,7 @@ def _phi3(tok):
 
 
 def _gpt2(tok):
-    special = _special(tok)
+    special = special_ids(tok)
     return transformers.GPT2LMHeadModel(
         transformers.GPT2Config(
             vocab_size=special["vocab_size"],

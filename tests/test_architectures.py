@@ -23,10 +23,12 @@ from rlhf.ppo.decoder import HFDecoder, LlamaDecoder, make_decoder
 from rlhf.ppo.sampler import KVSampler
 from tests.architectures import (
     ARCHITECTURES,
+    SMALL,
     WINDOW,
     WINDOWED,
     build_bert_reward_model,
     build_causal_lm,
+    special_ids,
     tiny_tokenizer,
 )
 
@@ -522,3 +524,24 @@ def test_an_attention_without_a_registered_mask_is_refused_by_the_sampler(saved)
     model.set_attn_implementation("sdpa_without_mask_for_test")
     with pytest.raises(ValueError, match="no mask function.*attend to padding"):
         make_decoder(model)
+
+
+UNNAMED = ["olmo2", "granite", "stablelm", "gpt_neox", "starcoder2", "cohere"]
+"""Families the matrix above does not build by hand: a config from their own defaults, sized down."""
+
+
+@pytest.mark.numerics  # padded against alone: other kernels on other CPUs
+@pytest.mark.parametrize("model_type", UNNAMED)
+def test_architectures_the_matrix_does_not_name_score_and_sample_padded_rows_as_alone(tmp_path, model_type):
+    """Any family through the loaders: the scoring forwards and the sampler over a left-padded batch equal each row
+    alone (a new family needs no code here, only a KV cache and a registered attention mask)."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        model_type, **SMALL, **special_ids(tokenizer), num_key_value_heads=2
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = load_causal_lm(tmp_path), load_tokenizer(tmp_path)
+    assert max(check_scoring(model, tokenizer).values()) < TOLERANCE
+    assert max(check_sampler(model, tokenizer).values()) < TOLERANCE
