@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 FLOAT32_CPU_SDPA = "sdpa_float32_cpu_training"
 

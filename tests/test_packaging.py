@@ -67,6 +67,8 @@ def test_the_torch_floor_covers_what_the_code_and_transformers_need():
     ours = next(Requirement(d) for d in deps if Requirement(d).name == "torch")
     floor = min(Version(s.version) for s in ours.specifier if s.operator == ">=")
     theirs = [Requirement(r) for r in requires("transformers") if r.startswith("torch")]
-    needed = [Version(s.version) for r in theirs if r.name == "torch" for s in r.specifier if s.operator == ">="]
+    needed = [
+        Version(s.version) for r in theirs if r.name == "torch" for s in r.specifier if s.operator == ">="
+    ]
     assert needed and floor >= max(needed)
     assert floor >= Version("2.5")
