@@ -228,7 +228,7 @@ def settle_precision(
 
     requested = cfg.model.dtype
     recorded = summary.get("precision") or {}
-    if requested == AUTO and recorded.get("requested") == AUTO and summary["stages"]:
+    if requested == AUTO and recorded.get("requested") == AUTO:  # also a killed first stage's checkpoint keeps it
         dtype, reason = recorded["dtype"], recorded.get("reason", "")
         shown = f"kept from this run directory's first run ({reason})"
     else:

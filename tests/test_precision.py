@@ -13,7 +13,7 @@ import pytest
 
 import rlhf.precision as precision
 from rlhf.cli import compose
-from rlhf.pipeline import run
+from rlhf.pipeline import run, settle_precision
 from rlhf.precision import CPUFeatures, cpu_bf16_verdict, resolve_dtype, slow_bf16_warning
 from tests.conftest import TINY
 
@@ -94,3 +94,14 @@ def test_an_explicit_bf16_on_a_slow_cpu_warns_in_one_line(tmp_path, monkeypatch,
     assert summary["precision"] == {"requested": "bfloat16", "dtype": "bfloat16", "reason": "set explicitly"}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("model.dtype=bfloat16 on this CPU is slower than float32" in w for w in warnings)
+
+
+def test_a_directory_whose_first_stage_was_killed_keeps_its_choice_for_the_checkpoint(monkeypatch):
+    """No stage finished yet, but a PPO checkpoint of the first run may lie there: its precision is kept too."""
+    monkeypatch.setattr(precision, "cpu_features", lambda: ZEN3)
+    recorded = {"requested": "auto", "dtype": "bfloat16", "reason": "made on an AMX CPU"}
+    cfg = compose(["model.dtype=auto"])
+    assert settle_precision(cfg, {"precision": recorded, "stages": {}}, "cpu", main=True) == recorded
+    assert cfg.model.dtype == "bfloat16"
+    fresh = compose(["model.dtype=auto"])
+    assert settle_precision(fresh, {"stages": {}}, "cpu", main=True)["dtype"] == "float32"
