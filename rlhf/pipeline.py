@@ -228,7 +228,8 @@ def settle_precision(
 
     requested = cfg.model.dtype
     recorded = summary.get("precision") or {}
-    if requested == AUTO and recorded.get("requested") == AUTO:  # also a killed first stage's checkpoint keeps it
+    # kept also when no stage finished yet: a killed first stage's checkpoint resumes in its precision
+    if requested == AUTO and recorded.get("requested") == AUTO:
         dtype, reason = recorded["dtype"], recorded.get("reason", "")
         shown = f"kept from this run directory's first run ({reason})"
     else:
