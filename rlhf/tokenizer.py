@@ -99,6 +99,24 @@ CHATML_TEMPLATE = (
 generates, assistant content (and its <|im_end|>) inside `{% generation %}` markers for assistant-only loss."""
 
 
+def train_byte_level_bpe(texts: list[str], vocab_size: int, special_tokens: list[str]) -> Tokenizer:
+    """A byte-level BPE (GPT-2 / Llama 3 / Qwen style: any text encodes, through bytes) trained offline on `texts`,
+    with `special_tokens` first in its vocabulary."""
+    from tokenizers import trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return backend
+
+
 def build_bpe_tokenizer(
     texts: list[str], vocab_size: int = 600, model_max_length: int = 1024
 ) -> PreTrainedTokenizerFast:
@@ -109,20 +127,8 @@ def build_bpe_tokenizer(
     end of a reply share an id), right padding by default and a ChatML chat template whose turns end with a
     newline after the end-of-turn token. Test stand-ins use it so that every stage meets these traps.
     """
-    from tokenizers import trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS, IM_START, IM_END],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+        tokenizer_object=train_byte_level_bpe(texts, vocab_size, [BOS, IM_START, IM_END]),
         bos_token=BOS,
         eos_token=IM_END,
         model_max_length=model_max_length,

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from envs.base import TextEnv
-from rlhf.tokenizer import load_tokenizer
+from rlhf.tokenizer import load_tokenizer, train_byte_level_bpe
 
 QWEN25_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}"
@@ -93,18 +92,10 @@ class TwoTurnEnv(TextEnv):
 def chat_tokenizer(style: str, path: Path) -> PreTrainedTokenizerFast:
     """The style's byte-level BPE, saved to `path` and loaded as every stage loads it (pad defaulted to eos)."""
     spec = STYLES[style]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=spec["special"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(TEXTS, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, clean_up_tokenization_spaces=False, **spec["tokens"]
+        tokenizer_object=train_byte_level_bpe(TEXTS, 300, spec["special"]),
+        clean_up_tokenization_spaces=False,
+        **spec["tokens"],
     )
     tokenizer.chat_template = spec["template"]
     tokenizer.save_pretrained(path)

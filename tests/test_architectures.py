@@ -35,9 +35,16 @@ from tests.architectures import (
 NAMES = sorted(ARCHITECTURES)
 TOLERANCE = 1e-3
 """max |padded - alone| of logits / log-probabilities (float32 rounding is ~1e-6)."""
-CUDA = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU variant runs here)"
-)
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU variant runs here)"
+        ),
+    ),
+]
+"""The same checks on a GPU: the code path is the same there."""
 
 
 @pytest.fixture(scope="module")
@@ -126,22 +133,16 @@ def engines(name: str) -> list[str]:
 
 
 @pytest.mark.numerics  # padded against alone: other kernels on other CPUs
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("name", "engine"), [(n, e) for n in NAMES for e in engines(n)])
-def test_sampler_logits_equal_the_models_own_forward_alone(saved, monkeypatch, name, engine):
+def test_sampler_logits_equal_the_models_own_forward_alone(saved, monkeypatch, name, engine, device):
     model = load_causal_lm(saved[name])
     tokenizer = load_tokenizer(saved[name])
     assert type(make_decoder(model)) is (
         LlamaDecoder if name == "llama" else HFDecoder
     )  # the sampler's choice
     monkeypatch.setattr("rlhf.ppo.sampler.make_decoder", {"llama": LlamaDecoder, "hf": HFDecoder}[engine])
-    diffs = check_sampler(model, tokenizer)
-    assert max(diffs.values()) < TOLERANCE, diffs
-
-
-@CUDA
-@pytest.mark.parametrize("name", NAMES)
-def test_on_cuda_sampler_logits_equal_the_models_own_forward_alone(saved, name):
-    diffs = check_sampler(load_causal_lm(saved[name]), load_tokenizer(saved[name]), device="cuda")
+    diffs = check_sampler(model, tokenizer, device)
     assert max(diffs.values()) < TOLERANCE, diffs
 
 
@@ -201,16 +202,10 @@ def check_scoring(model, tokenizer, device: str = "cpu") -> dict[str, float]:
 
 
 @pytest.mark.numerics  # padded against alone: other kernels on other CPUs
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", NAMES)
-def test_scoring_forwards_give_each_row_its_own_log_probabilities(saved, name):
-    diffs = check_scoring(load_causal_lm(saved[name]), load_tokenizer(saved[name]))
-    assert max(diffs.values()) < TOLERANCE, diffs
-
-
-@CUDA
-@pytest.mark.parametrize("name", NAMES)
-def test_on_cuda_scoring_forwards_give_each_row_its_own_log_probabilities(saved, name):
-    diffs = check_scoring(load_causal_lm(saved[name]), load_tokenizer(saved[name]), device="cuda")
+def test_scoring_forwards_give_each_row_its_own_log_probabilities(saved, name, device):
+    diffs = check_scoring(load_causal_lm(saved[name]), load_tokenizer(saved[name]), device)
     assert max(diffs.values()) < TOLERANCE, diffs
 
 

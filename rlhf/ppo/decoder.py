@@ -57,8 +57,9 @@ class HFDecoder:
             if hasattr(base.config, "get_text_config")
             else base.config
         )
-        check_sampler_support(config, type(base).__name__)
-        check_adapters_for_sampling(model)
+        check_sampler_support(
+            config, type(base).__name__
+        )  # adapters: checked by make_decoder, for both engines
         import inspect
 
         self._kwargs = (
