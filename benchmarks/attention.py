@@ -1,4 +1,4 @@
-"""Which attention a trained forward should use on this CPU: torch's SDPA or `rlhf.attention.float32_cpu_sdpa`.
+"""Which attention a trained forward should use on this CPU: torch's SDPA or `rlhf.models.attention.float32_cpu_sdpa`.
 
 One SmolLM2 PPO policy step (`real_model.make_update_step`: 16 sequences of 64 + 32 tokens, left padding of 0-7
 tokens, so the attention gets a padding mask as in training), with LoRA (`model=smollm2`'s setting) and full
@@ -33,8 +33,8 @@ def main() -> None:
 
     import torch
 
-    from rlhf.attention import FLOAT32_CPU_SDPA
-    from rlhf.precision import cpu_features
+    from rlhf.models.attention import FLOAT32_CPU_SDPA
+    from rlhf.models.precision import cpu_features
 
     torch.set_num_threads(a.threads)
     cpu = cpu_features()

@@ -116,8 +116,8 @@ def save_fresh_model(out_dir: Path, env_id: str, seed: int) -> Path:
 
     import envs
     from rlhf.config import ModelConfig
-    from rlhf.models import build_tiny_model
-    from rlhf.tokenizer import build_tokenizer
+    from rlhf.models.loading import build_tiny_model
+    from rlhf.models.tokenizer import build_tokenizer
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
@@ -202,7 +202,7 @@ def build_ours(model_dir: Path, setup: GroupSetup, cfg, output_dir: Path):
     """Our PPOTrainer on the start model in `model_dir`: policy and frozen reference from it, and with GAE a critic
     from it too (a fresh scalar head on its backbone, as `ppo.critic_init=sft`)."""
     import envs
-    from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
+    from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer
     from rlhf.ppo.trainer import PPOTrainer
 
     critic = load_reward_model(model_dir) if cfg.advantage == "gae" else None
@@ -269,7 +269,7 @@ def build_trl(model_dir: Path, setup: GroupSetup, args, callbacks: list):
     beta > 0, the reference too (it reloads the reference from the policy's `_name_or_path`)."""
     from trl import GRPOTrainer
 
-    from rlhf.models import load_tokenizer
+    from rlhf.models.loading import load_tokenizer
 
     return GRPOTrainer(
         model=str(model_dir),

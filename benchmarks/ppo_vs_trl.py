@@ -39,8 +39,8 @@ def write_inputs(workdir: Path, num_prompts: int) -> dict[str, str]:
     """The shared inputs: vocabulary, tiny model config and prompts (json files both venvs can read)."""
     import envs
     from rlhf.config import ModelConfig
-    from rlhf.models import build_tiny_model
-    from rlhf.tokenizer import build_tokenizer
+    from rlhf.models.loading import build_tiny_model
+    from rlhf.models.tokenizer import build_tokenizer
 
     vocabulary = envs.env_class(ENV_ID).vocabulary()
     paths = {name: str(workdir / name) for name in ("vocab.json", "config.json", "prompts.jsonl")}
@@ -68,8 +68,8 @@ def run_ours(
 
     import envs
     from rlhf.config import PPOConfig
+    from rlhf.models.tokenizer import build_tokenizer
     from rlhf.ppo.trainer import PPOTrainer
-    from rlhf.tokenizer import build_tokenizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/real_model.py --smoke                      # tiny shapes: checks the script runs
     .venv/bin/python benchmarks/real_model.py --json results.json          # also write the key numbers
 
-The model is `models/SmolLM2-135M-Instruct` (`make smollm2`, rlhf/pretrained.py), fp32 weights; LoRA is the r / alpha /
+The model is `models/SmolLM2-135M-Instruct` (`make smollm2`, rlhf/models/pretrained.py), fp32 weights; LoRA is the r / alpha /
 targets of conf/model/smollm2.yaml. Every section runs in this process with `torch.set_num_threads(--threads)`, except
 `memory`, which runs each configuration in its own subprocess (its peak RSS is that process's own high-water mark,
 VmHWM: a child's `ru_maxrss` would include this process's RSS at the spawn, see `peak_rss_mib`).
@@ -37,7 +37,7 @@ Sections:
   adapters (peft), float32, the same torch seed before each side: (i) --gen-batch different prompts, (ii) --gen-batch /
   --group prompts x --group samples (a GRPO group: KVSampler prefills each prompt once, generate all rows), (iii) a
   3-turn episode batch: after each reply a short user message is appended as the chat template lays it out
-  (`rlhf.formatting.ChatFormat`, as the rollout does); KVSampler reads only the new tokens, generate re-reads the whole
+  (`rlhf.models.chat_format.ChatFormat`, as the rollout does); KVSampler reads only the new tokens, generate re-reads the whole
   context every turn. Both sides generate exactly --new-tokens tokens per row and turn (KVSampler without a stop token,
   generate with min_new_tokens = max_new_tokens), so they do equal work: SmolLM2 rarely ends a reply within 32 tokens,
   and unequal lengths would measure the samples rather than the engines. `--stop-at-eos` stops both at eos instead
@@ -110,7 +110,7 @@ def current_rss_mib() -> float:
 
 
 def default_model() -> Path:
-    from rlhf.pretrained import RECIPES
+    from rlhf.models.pretrained import RECIPES
 
     return ROOT / RECIPES["smollm2"].default_out
 
@@ -133,7 +133,7 @@ def quiet_transformers() -> None:
 
 
 def load_policy(path: Path, lora: bool):
-    from rlhf.models import apply_lora, load_causal_lm
+    from rlhf.models.loading import apply_lora, load_causal_lm
 
     model = load_causal_lm(path, "float32")
     return apply_lora(model, smollm2_lora()) if lora else model
@@ -384,7 +384,7 @@ def update_bench(args, mode: str, dtype: str) -> dict[str, Any]:
 def review_prompts(tokenizer, n: int) -> list[list[int]]:
     """n chat-template prompts (user turn + generation prompt) of the review task, as the rollout builds them."""
     import envs
-    from rlhf.formatting import ChatFormat
+    from rlhf.models.chat_format import ChatFormat
 
     env = envs.make(ENV_ID)
     fmt = ChatFormat(tokenizer)
@@ -393,7 +393,7 @@ def review_prompts(tokenizer, n: int) -> list[list[int]]:
 
 def follow_up_ids(tokenizer, turn: int, reply_ended: bool) -> list[int]:
     """The tokens after a reply in turn `turn`: [end of turn] + the next user message + the generation prompt."""
-    from rlhf.formatting import ChatFormat
+    from rlhf.models.chat_format import ChatFormat
 
     return ChatFormat(tokenizer).env_turn_ids(FOLLOW_UPS[turn % len(FOLLOW_UPS)], reply_ended=reply_ended)
 
@@ -471,8 +471,8 @@ def generation_scenarios(tokenizer, batch: int, group: int) -> list[tuple[str, l
 def generate_bench(args) -> list[dict[str, Any]]:
     import torch
 
-    from rlhf.models import apply_lora
-    from rlhf.models import load_tokenizer as load_tok
+    from rlhf.models.loading import apply_lora
+    from rlhf.models.loading import load_tokenizer as load_tok
 
     tokenizer = load_tok(args.model)
     model = load_policy(args.model, lora=False).eval()
@@ -550,7 +550,7 @@ def memory_child(args) -> dict[str, Any]:
 
     import envs
     from rlhf.config import PPOConfig
-    from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
+    from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer
     from rlhf.ppo.trainer import PPOTrainer
 
     conf = MEMORY_CONFIGS[args.memory_child]
@@ -695,7 +695,7 @@ def profile_bench(args) -> dict[str, Any]:
         }
         del model, step
 
-    from rlhf.models import load_tokenizer as load_tok
+    from rlhf.models.loading import load_tokenizer as load_tok
 
     tokenizer = load_tok(args.model)
     prompts = review_prompts(tokenizer, args.gen_batch)
@@ -903,7 +903,7 @@ def main() -> None:
         return
     import torch
 
-    from rlhf.pretrained import is_complete
+    from rlhf.models.pretrained import is_complete
 
     if not is_complete(args.model):
         sys.exit(f"no model at {args.model}: run `make smollm2` first")

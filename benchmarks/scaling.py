@@ -69,9 +69,9 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     import envs
     from rlhf.config import ModelConfig, PPOConfig
-    from rlhf.models import build_tiny_model
+    from rlhf.models.loading import build_tiny_model
+    from rlhf.models.tokenizer import build_tokenizer
     from rlhf.ppo.trainer import PPOTrainer
-    from rlhf.tokenizer import build_tokenizer
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(spec["threads"])

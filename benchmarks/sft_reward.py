@@ -10,7 +10,7 @@ Sides, each in its own subprocess (so that peak RSS is its own), one after the o
   no pipeline. Its LlamaConfig, SFTConfig / RewardConfig arguments, seeds, data sizes and torch threads are
   read from our composed config and stage code (`rlhf.stages.trl_common.trainer_arguments`), so they stay identical,
   except `report_to="none"`.
-- `ours`: `rlhf.cli.compose(["stages=[sft,reward]", ...])` + `rlhf.pipeline.run` (logger=wandb offline by default).
+- `ours`: `rlhf.cli.compose(["stages=[sft,reward]", ...])` + `rlhf.run.pipeline.run` (logger=wandb offline by default).
 - `ours-nolog`: the same with `logger=none`, to separate W&B's cost from the rest (Hydra, checks, extras).
 
 Target (issue 3): SFT + reward <= 90 s on 2 CPU cores, held-out reward accuracy >= 0.80 on the review task.
@@ -91,10 +91,10 @@ def peer_settings(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     """Everything the bare-TRL side must share with ours, read from our composed config and stage code."""
     import envs
     from rlhf.cli import compose
-    from rlhf.models import build_tiny_model
-    from rlhf.pipeline import BASE, derive_seed, set_threads
+    from rlhf.models.loading import build_tiny_model
+    from rlhf.models.tokenizer import build_tokenizer
+    from rlhf.run.pipeline import BASE, derive_seed, set_threads
     from rlhf.stages.trl_common import trainer_arguments
-    from rlhf.tokenizer import build_tokenizer
 
     cfg = compose(["stages=[sft,reward]", *overrides])
     if (
@@ -145,7 +145,7 @@ def bare_trl(hp: dict[str, Any], out: Path) -> dict[str, Any]:
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
     import envs
-    from rlhf.tokenizer import build_tokenizer
+    from rlhf.models.tokenizer import build_tokenizer
 
     torch.set_num_threads(hp["threads"])
     task = envs.env_class(hp["env_id"])
@@ -230,7 +230,7 @@ def ours(overrides: list[str], out: Path) -> dict[str, Any]:
     import torch
 
     from rlhf.cli import compose
-    from rlhf.pipeline import run
+    from rlhf.run.pipeline import run
 
     start = time.perf_counter()
     cfg = compose(["stages=[sft,reward]", *overrides])

@@ -1,7 +1,7 @@
 """The peer side of benchmarks/ppo_vs_trl.py: trl 1.12.0's PPOTrainer on the same tiny setup as ours.
 
 Runs in benchmarks/.venv-trl112 (made by benchmarks/setup_peer.sh), so it imports nothing from this repository:
-the word-level tokenizer is rebuilt here with the recipe of rlhf/tokenizer.py (ids 0-2 = <pad>, <unk>, </s>, then
+the word-level tokenizer is rebuilt here with the recipe of rlhf/models/tokenizer.py (ids 0-2 = <pad>, <unk>, </s>, then
 the words; left padding), and every model is built from the LlamaConfig json that ppo_vs_trl.py writes. Policy and
 reference are LlamaForCausalLM, value and reward model LlamaForSequenceClassification (num_labels=1), all fresh
 from torch's RNG: throughput does not depend on the weights. Prints one JSON line (the last line of stdout).
@@ -37,7 +37,7 @@ SPECIAL_TOKENS = ("<pad>", "<unk>", "</s>")
 
 
 def build_tokenizer(vocabulary: list[str]) -> PreTrainedTokenizerFast:
-    """The same tokenizer as rlhf.tokenizer.build_tokenizer (chat template aside, unused by single-turn PPO)."""
+    """The same tokenizer as rlhf.models.tokenizer.build_tokenizer (chat template aside, unused by single-turn PPO)."""
     words = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for word in vocabulary:
         words.setdefault(word, len(words))

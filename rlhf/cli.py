@@ -27,7 +27,7 @@ register_configs()
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """One run, or one job of a multirun; returns `cfg.objective`'s value (what the Optuna sweeper optimises)."""
-    from rlhf import pipeline
+    from rlhf.run import pipeline
 
     job = pipeline.hydra_job()
     if job.num is None:
@@ -42,7 +42,7 @@ def sweep_job(cfg: DictConfig, job: Any) -> float | None:
     """A multirun job: a failure (a bad value, an environment that raises) is recorded in `<job dir>/job.json`
     with its one-line error and the traceback in the job's log, and does not stop the sweep's other jobs, with
     any launcher; the sweep report lists it. Returns None when it failed (Optuna: a failed trial)."""
-    from rlhf import pipeline
+    from rlhf.run import pipeline
 
     record = {
         "status": "running",
@@ -82,7 +82,7 @@ def write_job_record(job_dir: Path, record: dict[str, Any]) -> None:
 
 def error_line(error: BaseException) -> str:
     """An exception as one line: the message of a user error, `Type: first line` of anything else."""
-    from rlhf.pipeline import InputError
+    from rlhf.run.pipeline import InputError
 
     text = (str(error).strip().splitlines() or [""])[0]
     return text if isinstance(error, InputError) else f"{type(error).__name__}: {text}"
@@ -129,7 +129,7 @@ def one_line(error: BaseException) -> str:
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """The config `rlhf <overrides>` would run, without Hydra's app machinery (tests, notebooks, benchmarks).
 
-    Pass it to `rlhf.pipeline.run(cfg, run_dir=...)`.
+    Pass it to `rlhf.run.pipeline.run(cfg, run_dir=...)`.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

@@ -17,7 +17,7 @@ STAGES = ("sft", "reward", "ppo", "evaluate")
 
 
 def one_of(default: str | None, *choices: str) -> Any:
-    """A field that takes one of `choices`: `rlhf.validation` refuses any other value, naming the key and these.
+    """A field that takes one of `choices`: `rlhf.run.validation` refuses any other value, naming the key and these.
 
     The allowed values of every enum-like field are listed here, next to the field, and nowhere else.
     """
@@ -292,7 +292,7 @@ class RLHFConfig:
     otherwise. More threads than free cores slows training down many times over."""
     cache: bool = True
     """Reuse a stage's output from the stage cache when its key (config, upstream keys, package version and
-    source) matches, and publish each finished stage there (`rlhf.stage_cache`); false: train every stage."""
+    source) matches, and publish each finished stage there (`rlhf.run.stage_cache`); false: train every stage."""
     cache_dir: str | None = None
     """The stage cache's directory. Unset: `<sweep dir>/.stage_cache` in a multirun (shared by the sweep's jobs)
     and none for a single run; set it (e.g. ~/.cache/rlhf) to share stages across runs and sweeps."""

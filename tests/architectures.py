@@ -1,8 +1,8 @@
 """Tiny random-initialised models of the architectures users bring, saved as `save_pretrained` directories.
 
-Each is what a hub model of that family looks like to the loaders (`rlhf.models.load_causal_lm`,
+Each is what a hub model of that family looks like to the loaders (`rlhf.models.loading.load_causal_lm`,
 `load_reward_model`), in miniature: hidden size 32, 2 layers (3 for Qwen), a byte-level BPE tokenizer with BOS, pad = eos and a
-ChatML template (`rlhf.tokenizer.build_bpe_tokenizer`). What sets each family apart is kept, with sliding windows of
+ChatML template (`rlhf.models.tokenizer.build_bpe_tokenizer`). What sets each family apart is kept, with sliding windows of
 16 tokens so that windows bind within a test's sequences:
 
 - llama: grouped-query attention (the sampler's fast engine, `LlamaDecoder`)
@@ -27,7 +27,7 @@ import torch
 import transformers
 
 from envs.base import TextEnv
-from rlhf.tokenizer import build_bpe_tokenizer
+from rlhf.models.tokenizer import build_bpe_tokenizer
 
 WINDOW = 16
 """Sliding window of the windowed architectures, in tokens: the test sequences are longer."""

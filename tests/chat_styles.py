@@ -20,7 +20,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from envs.base import TextEnv
-from rlhf.tokenizer import load_tokenizer, train_byte_level_bpe
+from rlhf.models.tokenizer import load_tokenizer, train_byte_level_bpe
 
 QWEN25_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}"

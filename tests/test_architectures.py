@@ -8,7 +8,7 @@
    reference is the same weights, so the KL and the approximate KL are zero up to float rounding.
 
 Everything in float32; sliding windows of 16 tokens bind (sequences are longer), and the attention implementation is
-the one the loaders choose (SDPA through `rlhf.attention`, eager for Gemma 2). The CUDA variants run tests 1 and 2 on
+the one the loaders choose (SDPA through `rlhf.models.attention`, eager for Gemma 2). The CUDA variants run tests 1 and 2 on
 a GPU.
 """
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 
-from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.ppo.decoder import HFDecoder, LlamaDecoder, make_decoder
 from rlhf.ppo.sampler import KVSampler
 from tests.architectures import (
@@ -229,7 +229,7 @@ def test_reward_model_and_critic_on_a_causal_backbone_score_padded_rows_as_alone
     critic's per-token values all equal the row alone."""
     from rlhf.ppo.rollout import left_pad, position_ids
     from rlhf.ppo.trainer import ValueHead
-    from rlhf.reward_scoring import RewardScorer
+    from rlhf.rewards.reward_model import RewardScorer
 
     model = load_reward_model(saved[name]).eval()
     tokenizer = load_tokenizer(saved[name])
@@ -258,7 +258,7 @@ def test_reward_model_and_critic_on_a_causal_backbone_score_padded_rows_as_alone
 def test_bert_reward_model_with_its_own_tokenizer_scores_padded_rows_as_alone(tmp_path, saved):
     """A BERT (WordPiece tokenizer of its own) scores a policy's decoded conversations: the scorer's right-padded
     batch equals each conversation alone. (BERT pools its first token, [CLS]: it is only ever right-padded.)"""
-    from rlhf.reward_scoring import RewardScorer
+    from rlhf.rewards.reward_model import RewardScorer
 
     bert_dir = build_bert_reward_model(tmp_path / "bert")
     model = load_reward_model(bert_dir).eval()
@@ -300,7 +300,7 @@ def test_dora_runs_peft_forward_in_the_sampler_and_is_refused_by_the_state_dict_
     trainer refuses it before training."""
     from peft import LoraConfig, get_peft_model
 
-    from rlhf.models import check_adapters, merged_state_dict
+    from rlhf.models.loading import check_adapters, merged_state_dict
 
     model = random_adapters(
         get_peft_model(
@@ -325,7 +325,7 @@ def test_alora_is_refused_before_training(saved, tmp_path, float32_accelerator):
     from peft import LoraConfig, get_peft_model
 
     from rlhf.config import PPOConfig
-    from rlhf.models import merged_state_dict
+    from rlhf.models.loading import merged_state_dict
     from rlhf.ppo.trainer import PPOTrainer
     from tests.architectures import RaggedDialogueEnv
 
@@ -349,7 +349,7 @@ def test_lora_on_gpt2_conv1d_merges_transposed(saved):
     B @ A, as peft's own merge does."""
     from peft import LoraConfig, get_peft_model
 
-    from rlhf.models import merged_state_dict
+    from rlhf.models.loading import merged_state_dict
 
     model = random_adapters(
         get_peft_model(
@@ -388,8 +388,8 @@ def test_recurrent_state_models_are_refused_before_training(tmp_path):
     IndexError mid-rollout): validation refuses them before any stage runs, naming the model and what to do, and the
     decoder refuses them too (a policy passed to the trainer directly)."""
     from rlhf.cli import compose
-    from rlhf.models import check_sampler_support
-    from rlhf.validation import validate
+    from rlhf.models.loading import check_sampler_support
+    from rlhf.run.validation import validate
 
     lfm2 = tiny_lfm2(tmp_path / "lfm2")
     cfg = compose(
@@ -481,7 +481,7 @@ def test_ppo_and_evaluate_through_the_pipeline(saved, tmp_path, name):
     import json
 
     from rlhf.cli import compose
-    from rlhf.pipeline import run
+    from rlhf.run.pipeline import run
     from tests.conftest import TINY_PPO
 
     overrides = [
@@ -510,7 +510,7 @@ def test_ppo_and_evaluate_through_the_pipeline(saved, tmp_path, name):
 
 def test_an_attention_without_a_registered_mask_is_refused_by_the_sampler(saved):
     """transformers gives an attention implementation that has no mask function no mask at all (padding attended,
-    the bug `rlhf.attention` once had): the sampler refuses it rather than sample from a model that reads padding."""
+    the bug `rlhf.models.attention` once had): the sampler refuses it rather than sample from a model that reads padding."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

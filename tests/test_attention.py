@@ -1,4 +1,4 @@
-"""Float32 attention for low-precision training on CPU (`rlhf.attention`): where it applies, what it computes, and
+"""Float32 attention for low-precision training on CPU (`rlhf.models.attention`): where it applies, what it computes, and
 that the models the loaders hand out use it without saving it."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-import rlhf.attention as attention
-from rlhf.attention import FLOAT32_CPU_SDPA, float32_cpu_sdpa, use_float32_cpu_attention
-from rlhf.models import load_causal_lm, load_reward_model
-from rlhf.tokenizer import build_tokenizer
+import rlhf.models.attention as attention
+from rlhf.models.attention import FLOAT32_CPU_SDPA, float32_cpu_sdpa, use_float32_cpu_attention
+from rlhf.models.loading import load_causal_lm, load_reward_model
+from rlhf.models.tokenizer import build_tokenizer
 
 
 def gqa_llama() -> LlamaForCausalLM:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from rlhf.cli import compose
-from rlhf.pipeline import InputError, run
-from rlhf.run_lock import LOCK_FILE, hold_run_dir
+from rlhf.run.lock import LOCK_FILE, hold_run_dir
+from rlhf.run.pipeline import InputError, run
 from rlhf.stages import Stage
 from tests.conftest import TINY
 
@@ -211,7 +211,7 @@ def test_a_held_run_directory_is_refused_in_process(finished):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from rlhf.run_lock import hold_run_dir
+from rlhf.run.lock import hold_run_dir
 with hold_run_dir(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(600)

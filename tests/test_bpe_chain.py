@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf.cli import compose
-from rlhf.formatting import ChatFormat
-from rlhf.models import load_tokenizer
-from rlhf.pipeline import run
+from rlhf.models.chat_format import ChatFormat
+from rlhf.models.loading import load_tokenizer
+from rlhf.run.pipeline import run
 from tests.conftest import TINY_CHAIN
 
 BPE = [

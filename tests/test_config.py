@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 
 from rlhf.cli import CONF_DIR, compose
 from rlhf.config import STAGES, RLHFConfig
-from rlhf.pipeline import InputError, run
-from rlhf.validation import select_stages, validate
+from rlhf.run.pipeline import InputError, run
+from rlhf.run.validation import select_stages, validate
 
 GROUPS = sorted(
     p.name

@@ -10,14 +10,14 @@ from dataclasses import replace
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from rlhf import console
 from rlhf.cli import compose
 from rlhf.config import PPOConfig
+from rlhf.models.tokenizer import build_tokenizer
 from rlhf.ppo.trainer import PPOTrainer
 from rlhf.rewards import build_rubric
-from rlhf.stage_keys import stage_keys
-from rlhf.tokenizer import build_tokenizer
-from rlhf.tracking import StageTracker
+from rlhf.run.stage_keys import stage_keys
+from rlhf.tracking import console
+from rlhf.tracking.wandb_run import StageTracker
 from tests.ppo.conftest import WORDS, ToyEnv, tiny_llama
 
 CFG = PPOConfig(

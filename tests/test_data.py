@@ -8,7 +8,7 @@ import pytest
 from datasets import Dataset
 
 from rlhf.cli import compose
-from rlhf.data import check_dataset_spec, join_spacing, preference_splits, sft_splits
+from rlhf.task.data import check_dataset_spec, join_spacing, preference_splits, sft_splits
 
 SMALL = ["task.num_demonstrations=40", "task.num_preferences=40", "task.eval_fraction=0.25"]
 

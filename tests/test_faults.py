@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf.wandb_offline import find_offline_runs, read_offline_run
+from rlhf.tracking.wandb_offline import find_offline_runs, read_offline_run
 from tests.conftest import TINY_MODEL
 
 ARGS = [

@@ -9,8 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import envs
 from envs.guess import GuessNumberEnv
 from envs.review import ReviewEnv
-from rlhf.formatting import ChatFormat, FormatMismatch, assistant, user
-from rlhf.models import build_tiny_tokenizer, load_tokenizer
+from rlhf.models.chat_format import ChatFormat, FormatMismatch, assistant, user
+from rlhf.models.loading import build_tiny_tokenizer, load_tokenizer
 from rlhf.ppo.rollout import fit_action, rollout
 
 
@@ -140,7 +140,7 @@ def test_fit_action_keeps_replies_inside_the_action_space():
 
 def test_sft_and_reward_data_are_conversations_for_a_chat_tokenizer(bpe):
     from rlhf.cli import compose
-    from rlhf.data import preference_splits, sft_splits
+    from rlhf.task.data import preference_splits, sft_splits
 
     cfg = compose(["task.num_demonstrations=20", "task.num_preferences=20", "logger=none"])
     train, _ = sft_splits(cfg, 0, chat=True)

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from rlhf.cli import compose
-from rlhf.models import (
+from rlhf.models.loading import (
     build_tiny_model,
     check_tokenizers_match,
     load_causal_lm,
@@ -19,7 +19,7 @@ from rlhf.models import (
     resolve_device,
     torch_dtype,
 )
-from rlhf.tokenizer import build_tokenizer
+from rlhf.models.tokenizer import build_tokenizer
 from tests.conftest import TINY_MODEL
 
 

@@ -9,8 +9,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf.cli import compose
-from rlhf.pipeline import InputError, derive_seed, run
-from rlhf.wandb_offline import find_offline_runs, history_values, read_offline_run
+from rlhf.run.pipeline import InputError, derive_seed, run
+from rlhf.tracking.wandb_offline import find_offline_runs, history_values, read_offline_run
 from tests.conftest import TINY, TINY_PPO
 
 RUN = ["stages=[sft,reward]", *TINY, "sft.logging_steps=1", "reward.logging_steps=1"]

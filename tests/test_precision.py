@@ -1,4 +1,4 @@
-"""`model.dtype=auto` (`rlhf.precision`): the choice from the CPU's reported features, recorded and kept by a run
+"""`model.dtype=auto` (`rlhf.models.precision`): the choice from the CPU's reported features, recorded and kept by a run
 directory, and a warning for an explicit bf16 where it is slow."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-import rlhf.precision as precision
+import rlhf.models.precision as precision
 from rlhf.cli import compose
-from rlhf.pipeline import run, settle_precision
-from rlhf.precision import CPUFeatures, cpu_bf16_verdict, resolve_dtype, slow_bf16_warning
+from rlhf.models.precision import CPUFeatures, cpu_bf16_verdict, resolve_dtype, slow_bf16_warning
+from rlhf.run.pipeline import run, settle_precision
 from tests.conftest import TINY
 
 SAPPHIRE_RAPIDS = CPUFeatures("Intel Xeon 8480", "AVX512", amx_bf16=True, avx512_bf16=True, onednn_bf16=True)
@@ -54,7 +54,7 @@ def test_this_machine_and_the_same_machine_capped_at_avx2_as_torch_reports_them(
     here = precision.cpu_features()
     assert resolve_dtype("auto", "cpu")[0] == ("bfloat16" if cpu_bf16_verdict(here)[0] else "float32")
     capped = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    code = "from rlhf.precision import resolve_dtype; print(resolve_dtype('auto', 'cpu')[0])"
+    code = "from rlhf.models.precision import resolve_dtype; print(resolve_dtype('auto', 'cpu')[0])"
     out = subprocess.run([sys.executable, "-c", code], env=capped, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "float32"
 

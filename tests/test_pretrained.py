@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlhf import pretrained
-from rlhf.pretrained import (
+from rlhf.models import pretrained
+from rlhf.models.pretrained import (
     Recipe,
     RecipeError,
     build,
@@ -122,7 +122,7 @@ def fake_recipe(tmp_path, monkeypatch):
 
 def test_build_writes_atomically_then_skips(tmp_path, fake_recipe, caplog):
     out = tmp_path / "models" / "fake"
-    caplog.set_level(logging.INFO, logger="rlhf.pretrained")
+    caplog.set_level(logging.INFO, logger="rlhf.models.pretrained")
     assert build("fake", out) == out
     assert is_complete(out) and fake_recipe == ["fake==1.0"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["fake"]  # no tmp directory left behind
@@ -185,13 +185,15 @@ def test_publish_makes_files_readable(tmp_path):
 
 def test_main_reports_errors_in_one_line(tmp_path):
     fill(tmp_path / "bad", ["notes.txt"])
-    with pytest.raises(SystemExit, match=r"^rlhf.pretrained: error: .* exists but holds no complete model"):
+    with pytest.raises(
+        SystemExit, match=r"^rlhf.models.pretrained: error: .* exists but holds no complete model"
+    ):
         pretrained.main(["minilm", "--out", str(tmp_path / "bad")])
 
 
 def test_module_help_runs():
     out = subprocess.run(
-        [sys.executable, "-m", "rlhf.pretrained", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "rlhf.models.pretrained", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "{minilm,smollm2}" in out and "--out" in out
 

@@ -1,4 +1,4 @@
-"""rlhf.report: the sweep table, the mean over seeds, the plot, the Hydra callback, and a real multirun."""
+"""rlhf.tracking.report: the sweep table, the mean over seeds, the plot, the Hydra callback, and a real multirun."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from rlhf import report
+from rlhf.tracking import report
 
 KL_COEFS = ("0.02", "0.05", "0.1")
 SEEDS = (0, 1)

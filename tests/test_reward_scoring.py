@@ -18,12 +18,12 @@ from transformers import (
 from trl.data_utils import _tokenize
 
 from envs.review import ReviewEnv
-from rlhf.formatting import ChatFormat, assistant, user
-from rlhf.models import build_tiny_tokenizer, load_tokenizer
+from rlhf.models.chat_format import ChatFormat, assistant, user
+from rlhf.models.loading import build_tiny_tokenizer, load_tokenizer
+from rlhf.models.tokenizer import stop_token_ids
 from rlhf.ppo.rollout import left_pad, rollout
-from rlhf.reward_scoring import RewardScorer, context_limit, keep_end, plain_text
+from rlhf.rewards.reward_model import RewardScorer, context_limit, keep_end, plain_text
 from rlhf.stages.reward import pair_margins
-from rlhf.tokenizer import stop_token_ids
 from tests.chat_styles import STYLES, TwoTurnEnv, chat_model, chat_tokenizer, forcing_head, stop_ids
 
 

@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from rlhf.cli import compose
-from rlhf.pipeline import run
+from rlhf.run.pipeline import run
 
 SMOLLM2 = Path("models/SmolLM2-135M-Instruct")
 FEW_STEPS = [

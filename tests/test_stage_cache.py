@@ -11,8 +11,8 @@ import time
 import pytest
 
 from rlhf.cli import compose, objective_value
-from rlhf.pipeline import run
-from rlhf.stage_cache import ENTRY, StageCache
+from rlhf.run.pipeline import run
+from rlhf.run.stage_cache import ENTRY, StageCache
 from tests.conftest import TINY_CHAIN
 
 CHAIN = [*TINY_CHAIN, "logger=none"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlhf.cli import compose
-from rlhf.stage_keys import changes, code_source, fingerprint, stage_keys
+from rlhf.run.stage_keys import changes, code_source, fingerprint, stage_keys
 
 ALL = ("base", "sft", "reward", "ppo", "evaluate")
 
@@ -271,7 +271,7 @@ def test_a_run_after_the_users_environment_changed_reruns_and_says_why(readme_ec
     shared with it holds an entry per version of the code."""
     import logging
 
-    from rlhf.pipeline import run
+    from rlhf.run.pipeline import run
     from tests.conftest import TINY
 
     caplog.set_level(logging.INFO, logger="rlhf")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.pipeline import HydraJob, run_name
-from rlhf.sweep import declared_keys, swept_values
-from rlhf.wandb_offline import find_offline_runs, read_offline_run
+from rlhf.run.pipeline import HydraJob, run_name
+from rlhf.run.sweep import declared_keys, swept_values
+from rlhf.tracking.wandb_offline import find_offline_runs, read_offline_run
 from tests.conftest import TINY_CHAIN
 
 RLHF = str(Path(sys.executable).with_name("rlhf"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf.tokenizer import EOS, PAD, REPLY, UNK, build_tokenizer, load_tokenizer
+from rlhf.models.tokenizer import EOS, PAD, REPLY, UNK, build_tokenizer, load_tokenizer
 
 WORDS = ["review", ":", "the", "film", "was", "great", "bad", ",", "guess", "higher", "5", "7"]
 

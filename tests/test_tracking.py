@@ -9,9 +9,15 @@ import time
 import pytest
 
 from rlhf.cli import compose
-from rlhf.tracking import format_metrics, null_tracker, rewrite_trainer_logs, start_stage
-from rlhf.validation import validate
-from rlhf.wandb_offline import find_offline_runs, history_values, iter_records, logged_steps, read_offline_run
+from rlhf.run.validation import validate
+from rlhf.tracking.wandb_offline import (
+    find_offline_runs,
+    history_values,
+    iter_records,
+    logged_steps,
+    read_offline_run,
+)
+from rlhf.tracking.wandb_run import format_metrics, null_tracker, rewrite_trainer_logs, start_stage
 
 
 def test_offline_run_is_written_under_the_run_dir_and_reads_back(tmp_path, caplog):

@@ -9,8 +9,8 @@ import logging
 
 import pytest
 
-from rlhf import wandb_sync
-from rlhf.tracking import use_inputs
+from rlhf.tracking import wandb_sync
+from rlhf.tracking.wandb_run import use_inputs
 
 
 class RecordingRun:

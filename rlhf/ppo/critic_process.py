@@ -29,7 +29,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-import rlhf.attention  # noqa: F401  (registers the attention the unpickled critic's config may name)
+import rlhf.models.attention  # noqa: F401  (registers the attention the unpickled critic's config may name)
 from rlhf.ppo.losses import value_loss
 
 

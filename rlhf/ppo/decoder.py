@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from rlhf.models import check_adapters_for_sampling, merge_lora_linear, plain_lora_problem
+from rlhf.models.loading import check_adapters_for_sampling, merge_lora_linear, plain_lora_problem
 
 
 class HFDecoder:
@@ -41,13 +41,13 @@ class HFDecoder:
     no mask function registered in transformers would attend to padding and is refused.
 
     Models with recurrent or linear-attention layers (Mamba, LFM2's convolutions, Qwen3-Next) keep a state, not a
-    key/value cache, and are refused (`rlhf.models.check_sampler_support`).
+    key/value cache, and are refused (`rlhf.models.loading.check_sampler_support`).
     """
 
     def __init__(self, model: nn.Module) -> None:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
-        from rlhf.models import check_sampler_support, layer_types
+        from rlhf.models.loading import check_sampler_support, layer_types
 
         self.model = model
         self.cache = DynamicCache()  # without a config: every layer a full, non-cropping DynamicLayer
@@ -78,7 +78,7 @@ class HFDecoder:
             raise ValueError(
                 f"attention implementation {implementation!r} has no mask function in transformers' "
                 "AttentionMaskInterface, so the model would attend to padding; register one beside it "
-                "(as rlhf.attention registers sdpa_mask for its SDPA variant)"
+                "(as rlhf.models.attention registers sdpa_mask for its SDPA variant)"
             )
         # "bool" (SDPA's convention: True = attend), "float" (eager's additive mask), None: the 2D key mask, from
         # which transformers builds the mask itself (flash attention unpads, flex attention builds a block mask)
@@ -136,9 +136,9 @@ class HFDecoder:
 def _effective(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A linear layer's weight and bias as its forward applies them: active LoRA adapters merged in.
 
-    The merge is `rlhf.models.merge_lora_linear` (float32, kept in W's dtype); the model's own weights are not touched.
+    The merge is `rlhf.models.loading.merge_lora_linear` (float32, kept in W's dtype); the model's own weights are not touched.
     Raises NotImplementedError for layers this engine does not know (quantized) and for adapters that are not plain
-    LoRA (DoRA, aLoRA or any other peft LoRA variant, fan_in_fan_out: `rlhf.models.plain_lora_problem`): the
+    LoRA (DoRA, aLoRA or any other peft LoRA variant, fan_in_fan_out: `rlhf.models.loading.plain_lora_problem`): the
     sampler then runs the model's own (peft's) forward instead.
     """
     if type(module) is nn.Linear:

@@ -37,7 +37,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     if estimator == "k3":
         log_r = -log_ratio  # log q - log p
         return torch.expm1(log_r) - log_r
-    raise ValueError(f"unknown KL estimator {estimator!r}")  # ppo.kl_estimator is checked by rlhf.validation
+    raise ValueError(
+        f"unknown KL estimator {estimator!r}"
+    )  # ppo.kl_estimator is checked by rlhf.run.validation
 
 
 def logprob_mismatch(

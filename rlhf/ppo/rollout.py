@@ -1,7 +1,7 @@
 """Rollouts: batched generation against many text environments at once, single- or multi-turn.
 
 Token-in/token-out: the policy's sampled token ids are kept exactly as generated; only the environment's messages
-are tokenized, laid out by `rlhf.formatting.ChatFormat` (with a chat template: the prompt is the user turn plus the
+are tokenized, laid out by `rlhf.models.chat_format.ChatFormat` (with a chat template: the prompt is the user turn plus the
 generation prompt, each later message a user turn after the reply's end-of-turn token). Re-tokenizing decoded
 history would give PPO log-probabilities of tokens the policy never sampled. The resulting ids equal the chat
 template's tokenization of the conversation (`ChatFormat.check_consistency`).
@@ -31,7 +31,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.formatting import ChatFormat
+from rlhf.models.chat_format import ChatFormat
 from rlhf.ppo.ops import entropy_from_logits, fused_logprobs_entropy, logprobs_from_logits
 from rlhf.ppo.sampler import KVSampler
 
@@ -301,7 +301,7 @@ def rollout(
     """Play one episode in each env (`env.reset(seed=seeds[i])`), all envs' turns generated as one batch.
 
     model: the policy (unwrapped from DDP; a peft model works). Each turn generates at most `response_length`
-    tokens and stops at any of `stop_token_ids` (`rlhf.tokenizer.stop_token_ids`; None or empty: only the length
+    tokens and stops at any of `stop_token_ids` (`rlhf.models.tokenizer.stop_token_ids`; None or empty: only the length
     limit). A reply that does not end with the template's end-of-turn token (cut, or stopped on another stop id) is
     closed with it before the next user turn (`ChatFormat.env_turn_ids`). An episode ends when the env says
     terminated or truncated, or after `max_turns` replies (default: the env's `max_turns`, else 1).

@@ -48,7 +48,7 @@ class KVSampler:
     """Sample replies for a batch of episodes, turn after turn, with one growing KV cache.
 
     model: a causal LM (a peft model works) in eval mode. temperature 0 = greedy (log-probabilities then at
-    temperature 1). stop_token_ids: any of them ends a reply and is kept as its last token (`rlhf.tokenizer.
+    temperature 1). stop_token_ids: any of them ends a reply and is kept as its last token (`rlhf.models.tokenizer.
     stop_token_ids`: the EOS and every id of the model's generation_config.eos_token_id); empty or None: every reply
     runs to the length limit.
     """

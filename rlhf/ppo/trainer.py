@@ -17,7 +17,7 @@ With ppo.critic_process the critic's passes and steps (3 and 6) run in a second 
 
 The math lives in `ops`, `advantages`, `kl` and `losses` (pure tensor functions); this module only wires it.
 No Hydra and no W&B here: `config` is any object with `PPOConfig`'s fields and `tracker` anything with
-`log(metrics, step, console)` and `log_table(key, columns, rows, step)` (`rlhf.tracking.StageTracker`).
+`log(metrics, step, console)` and `log_table(key, columns, rows, step)` (`rlhf.tracking.wandb_run.StageTracker`).
 
 Dropout is left off (models stay in eval mode), as in TRL: the rollout's log-probabilities must be those the
 update recomputes, so the first PPO ratio is 1 (up to float rounding: the rollout's come from the KV-cached sampler).
@@ -44,8 +44,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch import nn
 
-from rlhf.console import ppo_line, progress
-from rlhf.models import check_adapters, merge_lora, merged_state_dict
+from rlhf.models.loading import check_adapters, merge_lora, merged_state_dict
+from rlhf.models.tokenizer import stop_token_ids
 from rlhf.ppo.advantages import gae, group_token_advantages
 from rlhf.ppo.checkpoint import (
     checkpoint_root,
@@ -72,11 +72,11 @@ from rlhf.ppo.rollout import (
     sequence_logprobs,
 )
 from rlhf.ppo.sharding import full_state_dict, gathered, shard_frozen
-from rlhf.reward_scoring import RewardScorer
 from rlhf.rewards import Component, Episodes, build_rubric, component_values, describe, needs_reward_model
 from rlhf.rewards import token_scores as rubric_token_scores
-from rlhf.tokenizer import stop_token_ids
-from rlhf.validation import check_ppo
+from rlhf.rewards.reward_model import RewardScorer
+from rlhf.run.validation import check_ppo
+from rlhf.tracking.console import ppo_line, progress
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class PPOTrainer:
         """policy: causal LM (a peft model with LoRA); ref_policy: frozen reference (None with LoRA: the policy with
         its adapters disabled); reward_model, critic: AutoModelForSequenceClassification; make_env: builds one env.
         reward_tokenizer: the reward model's tokenizer when it differs from the policy's (scored on the decoded text).
-        stage_key: the pipeline's key of this stage (`rlhf.stage_keys`): stored in every checkpoint, and only a
+        stage_key: the pipeline's key of this stage (`rlhf.run.stage_keys`): stored in every checkpoint, and only a
         checkpoint of the same key is resumed (None: any).
         rubric: the score's components (`rlhf.rewards`); None builds the one of `config.reward_source`.
         """
@@ -247,7 +247,7 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ setup
     def _check_inputs(self, policy, ref_policy, reward_model, critic) -> None:
-        """The models passed in fit the config (the config itself is checked by `rlhf.validation.check_ppo`)."""
+        """The models passed in fit the config (the config itself is checked by `rlhf.run.validation.check_ppo`)."""
         cfg = self.cfg
         if needs_reward_model(self.rubric) and reward_model is None:
             raise ValueError(

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rlhf.tracking import StageTracker
+    from rlhf.tracking.wandb_run import StageTracker
 
 
 @dataclass
@@ -35,7 +35,7 @@ class StageContext:
     """Results of the stages that ran before (or finished earlier in this run directory for the same config), by
     stage name, and the base model under "base"."""
     key: str | None = None
-    """This stage's key (`rlhf.stage_keys`): a resumable partial output (a PPO checkpoint) must carry the same."""
+    """This stage's key (`rlhf.run.stage_keys`): a resumable partial output (a PPO checkpoint) must carry the same."""
 
 
 def needs_message(stage: str, upstream: str, instead: str) -> str:

@@ -23,19 +23,19 @@ import logging
 import torch
 from accelerate import PartialState
 
-from rlhf import task
 from rlhf.config import RLHFConfig
-from rlhf.models import (
+from rlhf.models.loading import (
     check_tokenizers_match,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
     resolve_device,
 )
-from rlhf.reward_scoring import RewardScorer
+from rlhf.models.tokenizer import stop_token_ids
 from rlhf.rewards import Component, Episodes, component_values
+from rlhf.rewards.reward_model import RewardScorer
 from rlhf.stages.base import StageContext, StageResult, upstream_model
-from rlhf.tokenizer import stop_token_ids
+from rlhf.task import environment as task
 
 log = logging.getLogger("rlhf")
 

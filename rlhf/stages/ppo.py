@@ -21,19 +21,19 @@ from pathlib import Path
 import gymnasium
 from accelerate import Accelerator
 
-from rlhf import task
 from rlhf.config import RLHFConfig
-from rlhf.formatting import ChatFormat, FormatMismatch
-from rlhf.models import (
+from rlhf.models.chat_format import ChatFormat, FormatMismatch
+from rlhf.models.loading import (
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
     resolve_device,
 )
-from rlhf.reward_scoring import same_vocabulary
 from rlhf.rewards import describe, needs_reward_model
+from rlhf.rewards.reward_model import same_vocabulary
 from rlhf.stages import REGISTRY
 from rlhf.stages.base import StageContext, StageResult, upstream_model
+from rlhf.task import environment as task
 
 log = logging.getLogger("rlhf")
 

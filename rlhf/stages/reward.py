@@ -17,8 +17,8 @@ import torch
 from datasets import Dataset
 
 from rlhf.config import RLHFConfig
-from rlhf.formatting import ChatFormat, single_text
-from rlhf.models import load_reward_model, load_tokenizer, merge_lora
+from rlhf.models.chat_format import ChatFormat, single_text
+from rlhf.models.loading import load_reward_model, load_tokenizer, merge_lora
 from rlhf.stages.base import StageContext, StageResult
 from rlhf.stages.trl_common import final_eval, replace_progress, trainer_arguments
 
@@ -99,7 +99,7 @@ def log_pair_samples(ctx: StageContext, pairs: Dataset, margins: list[float], n:
 def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf.data import preference_splits
+    from rlhf.task.data import preference_splits
 
     backbone = backbone_path(cfg, ctx)
     tokenizer = load_tokenizer(backbone)

@@ -14,8 +14,8 @@ import torch
 from datasets import Dataset
 
 from rlhf.config import RLHFConfig
-from rlhf.formatting import ChatFormat, single_text
-from rlhf.models import load_causal_lm, load_tokenizer, merge_lora
+from rlhf.models.chat_format import ChatFormat, single_text
+from rlhf.models.loading import load_causal_lm, load_tokenizer, merge_lora
 from rlhf.stages.base import StageContext, StageResult
 from rlhf.stages.trl_common import final_eval, replace_progress, trainer_arguments
 
@@ -30,7 +30,7 @@ SAMPLE_TOKENS = 32
 def base_model_path(ctx: StageContext) -> Path | str:
     """The base model the pipeline prepared (tiny model dir or `model.name_or_path`)."""
     if "base" not in ctx.upstream:
-        raise ValueError("the sft stage needs the base model; run it through rlhf.pipeline.run")
+        raise ValueError("the sft stage needs the base model; run it through rlhf.run.pipeline.run")
     return ctx.upstream["base"].artifact
 
 
@@ -91,7 +91,7 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer
     from trl.chat_template_utils import has_generation_markers
 
-    from rlhf.data import sft_splits
+    from rlhf.task.data import sft_splits
 
     base = base_model_path(ctx)
     tokenizer = load_tokenizer(base)

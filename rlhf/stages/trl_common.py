@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from rlhf.config import RLHFConfig
-from rlhf.console import progress_callback
-from rlhf.models import resolve_device
+from rlhf.models.loading import resolve_device
 from rlhf.stages.base import StageContext
+from rlhf.tracking.console import progress_callback
 
 
 def trainer_arguments(cfg: RLHFConfig, ctx: StageContext, stage_cfg: Any, has_eval: bool) -> dict[str, Any]:
@@ -46,7 +46,7 @@ def trainer_arguments(cfg: RLHFConfig, ctx: StageContext, stage_cfg: Any, has_ev
 
 def replace_progress(trainer, stage: str) -> None:
     """Swap transformers' dict-printing progress callback for a named bar plus one compact `logging` line per logged
-    step (`rlhf.console.progress_callback`); W&B still gets every metric through transformers' WandbCallback."""
+    step (`rlhf.tracking.console.progress_callback`); W&B still gets every metric through transformers' WandbCallback."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(ProgressCallback)

@@ -17,7 +17,7 @@ import pytest
 import envs
 from envs.check import main
 from rlhf.cli import compose
-from rlhf.wandb_offline import find_offline_runs, history_values, read_offline_run
+from rlhf.tracking.wandb_offline import find_offline_runs, history_values, read_offline_run
 from tests.conftest import TINY_MODEL
 
 PLAIN_SOURCE = '''\
@@ -167,7 +167,7 @@ def test_checker_takes_kwargs_for_every_id(plain_pkg, capsys):
 
 
 def test_offline_stages_and_a_tiny_tokenizer_need_a_textenv(plain_pkg):
-    from rlhf.task import check
+    from rlhf.task.environment import check
 
     env_id = "task.env_id=their_pkg.plain:PlainEcho-v0"
     with pytest.raises(ValueError, match="provides no vocabulary .* model=hf model.name_or_path="):
@@ -184,8 +184,8 @@ def test_offline_stages_and_a_tiny_tokenizer_need_a_textenv(plain_pkg):
 @pytest.fixture
 def pretrained(plain_pkg, tmp_path) -> Path:
     """A tiny 'pretrained' model with a BPE tokenizer (ChatML, pad = eos), saved like any hub model."""
-    from rlhf.models import build_tiny_model
-    from rlhf.tokenizer import build_bpe_tokenizer
+    from rlhf.models.loading import build_tiny_model
+    from rlhf.models.tokenizer import build_bpe_tokenizer
 
     texts = ["apple", "river", "stone", "cloud", "green"] * 20
     tokenizer = build_bpe_tokenizer(texts, vocab_size=300)
@@ -201,7 +201,7 @@ def pretrained(plain_pkg, tmp_path) -> Path:
 @pytest.mark.parametrize("advantage", ["ppo.critic_init=sft", "ppo.advantage=grpo"])
 def test_ppo_and_evaluate_train_a_plain_env_from_its_reward_alone(plain_pkg, pretrained, tmp_path, advantage):
     """No SFT and no reward stage; a rubric of three components, each logged in history and evaluation."""
-    from rlhf.pipeline import run
+    from rlhf.run.pipeline import run
 
     rubric = tmp_path / "conf" / "task"
     rubric.mkdir(parents=True)

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from envs.base import TextEnv
-from rlhf.tokenizer import build_tokenizer
+from rlhf.models.tokenizer import build_tokenizer
 
 WORDS = ["a", "b", "c", "d", "x", "y", "z", "go", "more", "end"]
 

@@ -18,7 +18,7 @@ from test_trainer import BASE, TIMING, history, make_trainer, params
 
 from rlhf.cli import compose
 from rlhf.ppo.trainer import PPOTrainer
-from rlhf.validation import check_ppo, validate
+from rlhf.run.validation import check_ppo, validate
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_distributed_and_gpu_runs_refuse_the_critic_process(monkeypatch):
         check_ppo(replace(BASE, critic_process=True), num_processes=2)
     cfg = compose(["ppo.critic_process=true", "device=cuda"])
     # as on a GPU machine
-    monkeypatch.setattr("rlhf.models.resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr("rlhf.models.loading.resolve_device", lambda name: torch.device("cuda"))
     with pytest.raises(ValueError, match="on device=cuda set ppo.critic_process=false"):
         validate(cfg)
     cfg.ppo.critic_process = False

@@ -107,9 +107,9 @@ def worker(argv: list[str]) -> None:
     from conftest import WORDS, ToyEnv, tiny_llama
     from test_trainer import BASE, critic_from
 
+    from rlhf.models.tokenizer import build_tokenizer
     from rlhf.ppo.sharding import fsdp_version, gathered
     from rlhf.ppo.trainer import PPOTrainer
-    from rlhf.tokenizer import build_tokenizer
 
     chosen = None
     if args.engine == "ddp":
@@ -263,7 +263,7 @@ def tiny_weights() -> dict[str, torch.Tensor]:
     sys.path.insert(0, str(HERE))
     from conftest import WORDS, tiny_llama
 
-    from rlhf.tokenizer import build_tokenizer
+    from rlhf.models.tokenizer import build_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
         tiny_llama(build_tokenizer(WORDS), seed=0).save_pretrained(d)

@@ -14,12 +14,12 @@ import torch
 from transformers import GenerationConfig
 
 from rlhf.config import PPOConfig
-from rlhf.formatting import ChatFormat
+from rlhf.models.chat_format import ChatFormat
+from rlhf.models.tokenizer import stop_token_ids
 from rlhf.ppo.rollout import rollout, sequence_logprobs
 from rlhf.ppo.sampler import KVSampler
 from rlhf.ppo.trainer import PPOTrainer
 from rlhf.stages.evaluate import evaluate_policy
-from rlhf.tokenizer import stop_token_ids
 from tests.chat_styles import STYLES, TwoTurnEnv, chat_model, chat_tokenizer, forcing_head, stop_ids
 
 CASES = [(style, k) for style in STYLES for k in range(len(STYLES[style]["stops"]))]

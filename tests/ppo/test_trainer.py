@@ -390,7 +390,7 @@ def test_two_processes_with_torchrun_share_one_global_batch(tmp_path):
             from accelerate import Accelerator
             from conftest import ToyEnv, tiny_llama, WORDS
             from dataclasses import replace
-            from rlhf.tokenizer import build_tokenizer
+            from rlhf.models.tokenizer import build_tokenizer
             from test_trainer import BASE, critic_from
             import copy
             from rlhf.ppo.trainer import PPOTrainer

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from rlhf.cli import compose
-from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, prepare_base_model
+from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer, prepare_base_model
 from rlhf.ppo.trainer import EVAL_SEED_OFFSET, SEED_SPACE, train_episode_seed
 from rlhf.stages import evaluate
 from rlhf.stages.base import StageContext, StageResult
-from rlhf.tracking import null_tracker
+from rlhf.tracking.wandb_run import null_tracker
 
 
 def setup_models(tmp_path: Path, cfg, task_vocab_from=None) -> dict[str, Path]:

@@ -10,14 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf.cli import compose
-from rlhf.models import build_tiny_model, load_reward_model, load_tokenizer, prepare_base_model
+from rlhf.models.loading import build_tiny_model, load_reward_model, load_tokenizer, prepare_base_model
+from rlhf.models.tokenizer import build_tokenizer
 from rlhf.ppo.checkpoint import latest_checkpoint, read_resume_run_id
 from rlhf.ppo.trainer import PPOTrainer
-from rlhf.stage_keys import stage_keys
+from rlhf.run.stage_keys import stage_keys
 from rlhf.stages import ppo
 from rlhf.stages.base import StageContext, StageResult
-from rlhf.tokenizer import build_tokenizer
-from rlhf.tracking import null_tracker
+from rlhf.tracking.wandb_run import null_tracker
 from tests.conftest import free_port
 
 FAST = [

@@ -10,11 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf.cli import compose
-from rlhf.models import prepare_base_model
-from rlhf.pipeline import BASE
+from rlhf.models.loading import prepare_base_model
+from rlhf.run.pipeline import BASE
 from rlhf.stages import reward
 from rlhf.stages.base import StageContext, StageResult
-from rlhf.tracking import null_tracker
+from rlhf.tracking.wandb_run import null_tracker
 from tests.conftest import TINY_MODEL
 
 TINY = [

@@ -10,7 +10,7 @@ Layout under the cache directory (`cache_dir`; by default `<sweep dir>/.stage_ca
     sft-<key>.lock             held (flock) by the job that checks for, trains or publishes that entry
     .tmp-sft-<key>-<pid>/      an entry being written (ignored; removed by the next publisher)
 
-A key is `rlhf.stage_keys`' hash of the stage's config, its upstream keys and the package's version and source, so
+A key is `rlhf.run.stage_keys`' hash of the stage's config, its upstream keys and the package's version and source, so
 an entry is reused only for the config that made it. Parallel jobs that need the same stage take its lock in turn:
 the first trains and publishes, the others wait and then reuse. An entry becomes visible only by an atomic rename
 after every file was fsynced, and it is verified against its manifest (sizes and sha256) before each use: a corrupt
@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rlhf.manifest import build_manifest, fsync_dir, fsync_tree, manifest_problem
+from rlhf.storage.manifest import build_manifest, fsync_dir, fsync_tree, manifest_problem
 
 log = logging.getLogger("rlhf")
 

@@ -3,7 +3,7 @@
 Every stage gets a `StageTracker`. With `logger=none` it is a no-op that still prints one console line per logged
 step, so stages never branch on the backend. TRL trainers log into the already-initialised run through
 `report_to="wandb"` (transformers' WandbCallback reuses `wandb.run`). The training loops print their own progress bars
-and compact lines (`rlhf.console`): the tracker gets every metric, the console a handful.
+and compact lines (`rlhf.tracking.console`): the tracker gets every metric, the console a handful.
 
 W&B keeps everything under the run directory: WANDB_DIR, WANDB_DATA_DIR (artifact staging) and WANDB_CACHE_DIR
 point there, so an offline run works with no network, no account and no writes to the home directory;
@@ -231,7 +231,7 @@ def start_stage(
     if run.settings.mode == "online":
         use_inputs(run, inputs or {})
     if resume_id:
-        from rlhf.wandb_offline import logged_steps
+        from rlhf.tracking.wandb_offline import logged_steps
 
         tracker.recorded_steps = logged_steps(Path(run_dir) / "wandb", resume_id, exclude=tracker.dir)
     log.info(

@@ -199,7 +199,7 @@ def check_model_and_device(cfg: RLHFConfig, stages: list[str]) -> None:
         raise ValueError("model=hf needs model.name_or_path=<hub id or save_pretrained directory>")
     critic_process = "ppo" in stages and cfg.ppo.critic_process
     if cfg.device == "cuda" or cfg.model.dtype == "float16" or critic_process:  # these need torch to check
-        from rlhf.models import resolve_device
+        from rlhf.models.loading import resolve_device
 
         device = resolve_device(cfg.device)
         if cfg.model.dtype == "float16" and device.type == "cpu":
@@ -215,7 +215,7 @@ def check_model_and_device(cfg: RLHFConfig, stages: list[str]) -> None:
 
 def check_logger(cfg: RLHFConfig, stages: list[str]) -> None:
     """Online W&B logging needs an API key: refuse before training rather than fail at the first stage's init."""
-    from rlhf.tracking import wandb_api_key_available
+    from rlhf.tracking.wandb_run import wandb_api_key_available
 
     lg = cfg.logger
     if lg.backend == "wandb" and lg.mode == "online" and not wandb_api_key_available():
@@ -245,15 +245,15 @@ def check_environment(cfg: RLHFConfig, stages: list[str]) -> None:
 
 def check_task(cfg: RLHFConfig, stages: list[str]) -> None:
     """The environment made with `task.env_kwargs`, the offline data the stages need from it, the reward rubric."""
-    from rlhf.task import check
+    from rlhf.task.environment import check
 
     check(cfg, stages)
 
 
 def check_paths(cfg: RLHFConfig, stages: list[str]) -> None:
     """Dataset files exist with a known extension; model directories hold the right kind of model."""
-    from rlhf.data import check_dataset_spec
-    from rlhf.models import check_model_location
+    from rlhf.models.loading import check_model_location
+    from rlhf.task.data import check_dataset_spec
 
     if "sft" in stages:
         check_dataset_spec(cfg.sft.dataset, "sft.dataset")
@@ -272,7 +272,12 @@ def check_paths(cfg: RLHFConfig, stages: list[str]) -> None:
 
 def check_user_data(cfg: RLHFConfig, stages: list[str]) -> None:
     """Load the user's datasets once, so that a bad file fails before the base model is even built."""
-    from rlhf.data import check_distinct_pairs, check_preference_columns, check_sft_columns, load_user_dataset
+    from rlhf.task.data import (
+        check_distinct_pairs,
+        check_preference_columns,
+        check_sft_columns,
+        load_user_dataset,
+    )
 
     if "sft" in stages and cfg.sft.dataset:
         check_sft_columns(load_user_dataset(cfg.sft.dataset, "sft.dataset")[0], "sft.dataset")
@@ -289,7 +294,7 @@ def check_policy_tokens(cfg: RLHFConfig, stages: list[str]) -> None:
     the tiny model's settings, or a local model directory's config.json and tokenizer."""
     if not {"ppo", "evaluate"} & set(stages):
         return
-    from rlhf.models import model_context
+    from rlhf.models.loading import model_context
 
     source = cfg.ppo.policy_path or cfg.model.name_or_path
     special_stop = cfg.ppo.stop_token not in (None, "eos")
@@ -298,13 +303,13 @@ def check_policy_tokens(cfg: RLHFConfig, stages: list[str]) -> None:
         context = cfg.model.max_position_embeddings
         if special_stop and cfg.model.tokenizer == "word":
             from envs import env_class
-            from rlhf.tokenizer import build_tokenizer
+            from rlhf.models.tokenizer import build_tokenizer
 
             tokenizer = build_tokenizer(env_class(cfg.task.env_id).vocabulary())
     elif Path(source).is_dir():
         context = model_context(source)
         if special_stop:
-            from rlhf.models import load_tokenizer
+            from rlhf.models.loading import load_tokenizer
 
             tokenizer = load_tokenizer(source)
     else:  # a hub id: its config is not cheap to read
@@ -315,7 +320,7 @@ def check_policy_tokens(cfg: RLHFConfig, stages: list[str]) -> None:
             f"{context}-token context; set it below {context}"
         )
     if tokenizer is not None:
-        from rlhf.tokenizer import stop_token_ids
+        from rlhf.models.tokenizer import stop_token_ids
 
         stop_token_ids(tokenizer, cfg.ppo.stop_token)
 
@@ -332,7 +337,7 @@ def check_policy_architecture(cfg: RLHFConfig, stages: list[str]) -> None:
         return
     from transformers import AutoConfig
 
-    from rlhf.models import check_sampler_support
+    from rlhf.models.loading import check_sampler_support
 
     check_sampler_support(AutoConfig.from_pretrained(source), f"{key}={source}")
 

@@ -1,7 +1,7 @@
 """Directories that vouch for themselves: a manifest of every file's size and sha256, written last, and an atomic,
 durable publication (fsync every file, then rename the directory into place).
 
-PPO checkpoints (`rlhf.ppo.checkpoint`) and stage-cache entries (`rlhf.stage_cache`) are both published this way,
+PPO checkpoints (`rlhf.ppo.checkpoint`) and stage-cache entries (`rlhf.run.stage_cache`) are both published this way,
 so a kill at any moment leaves either the old directory or the complete new one, and a file truncated or changed
 later is found before anything loads it.
 """

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rlhf.wandb_offline import find_offline_runs, read_offline_run
+from rlhf.tracking.wandb_offline import find_offline_runs, read_offline_run
 
 
 def lineage(runs: dict[Path, dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:

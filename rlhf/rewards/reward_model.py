@@ -32,7 +32,7 @@ import logging
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from rlhf.formatting import ChatFormat
+from rlhf.models.chat_format import ChatFormat
 
 log = logging.getLogger("rlhf")
 

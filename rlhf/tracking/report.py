@@ -29,7 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf.config import STAGES
-from rlhf.sweep import MULTIRUN_RECORD, declared_keys, override_values
+from rlhf.run.sweep import MULTIRUN_RECORD, declared_keys, override_values
 
 log = logging.getLogger("rlhf")
 
@@ -340,7 +340,7 @@ def _plot_panel(ax: Any, settings: list[dict[str, Any]], keys: list[str], name: 
 
 def sync_command(sweep_dir: Path) -> str | None:
     """The one command that uploads every offline W&B run of the sweep and then declares their lineage
-    (`rlhf-sync`, rlhf/wandb_sync.py), or None when the sweep logged no W&B run."""
+    (`rlhf-sync`, rlhf/tracking/wandb_sync.py), or None when the sweep logged no W&B run."""
     if not any(sweep_dir.glob("**/wandb/offline-run-*")):
         return None
     return f"rlhf-sync {shlex.quote(str(sweep_dir))}"

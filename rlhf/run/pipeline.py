@@ -2,15 +2,15 @@
 
 In this order, so that a mistake costs seconds and a run directory never lies:
 
-1. validate  the whole config (`rlhf.validation`); nothing is written before it passes
-2. lock      the run directory (`rlhf.run_lock`): a second process there fails at once
-3. plan      with stage keys (`rlhf.stage_keys`): a stage finished in this directory is reused only when its key
+1. validate  the whole config (`rlhf.run.validation`); nothing is written before it passes
+2. lock      the run directory (`rlhf.run.lock`): a second process there fails at once
+3. plan      with stage keys (`rlhf.run.stage_keys`): a stage finished in this directory is reused only when its key
              (its config, its upstream's keys, the package version) is unchanged; otherwise it reruns, and so does
              every stage after it. summary.json forgets what will be redone before anything runs, so a kill at any
              later moment leaves only valid entries. A PPO checkpoint is resumed only under the same key.
 4. base      the tiny base model is (re)built when its key changed
 5. stages    from the registry (`rlhf.stages.REGISTRY`): one W&B run each; summary.json after each. With a stage
-             cache (`rlhf.stage_cache`; a multirun's jobs share one), a stage whose key has a published entry is
+             cache (`rlhf.run.stage_cache`; a multirun's jobs share one), a stage whose key has a published entry is
              reused from it instead ("cached": true), and every stage that runs is published there
 
 Any user mistake found in steps 1-4 is an InputError: one line, before any training.
@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import STAGES, RLHFConfig
-from rlhf.stage_cache import StageCache
-from rlhf.stage_keys import StageKey, changes, stage_keys
+from rlhf.run.stage_cache import StageCache
+from rlhf.run.stage_keys import StageKey, changes, stage_keys
+from rlhf.run.sweep import declared_keys, swept_values
+from rlhf.run.validation import validate
 from rlhf.stages import BASE, REGISTRY
 from rlhf.stages.base import StageContext, StageResult, needs_message
-from rlhf.sweep import declared_keys, swept_values
-from rlhf.tracking import plain_scalar
-from rlhf.validation import validate
+from rlhf.tracking.wandb_run import plain_scalar
 
 log = logging.getLogger("rlhf")
 
@@ -220,11 +220,11 @@ def settle_precision(
 ) -> dict[str, str]:
     """Make `cfg.model.dtype` concrete before any key is computed, and return summary.json's record of it.
 
-    `auto` resolves from the hardware (`rlhf.precision`), except in a run directory that already resolved it: there
+    `auto` resolves from the hardware (`rlhf.models.precision`), except in a run directory that already resolved it: there
     the recorded dtype is kept, so a resume (also on another kind of machine) continues in the precision its
     finished stages and checkpoints were made in. An explicit dtype is obeyed, with a warning where bf16 is slow.
     """
-    from rlhf.precision import AUTO, resolve_dtype, slow_bf16_warning
+    from rlhf.models.precision import AUTO, resolve_dtype, slow_bf16_warning
 
     requested = cfg.model.dtype
     recorded = summary.get("precision") or {}
@@ -327,14 +327,14 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
     """
     from accelerate import PartialState
 
-    from rlhf.models import prepare_base_model, resolve_device
-    from rlhf.run_lock import hold_run_dir
+    from rlhf.models.loading import prepare_base_model, resolve_device
+    from rlhf.run.lock import hold_run_dir
 
     under_hydra = run_dir is None
     job = hydra_job() if under_hydra else HydraJob(Path(run_dir), _group_name(Path(run_dir)))
     job = replace(job, group=group or job.group)
     if under_hydra:
-        from rlhf.console import set_job
+        from rlhf.tracking.console import set_job
 
         set_job(job.num)  # in a sweep, console lines and bars say which job they come from
     run_dir = job.run_dir.resolve()
@@ -467,7 +467,7 @@ def _run_stage(
     """Run one stage in its own W&B run (main process) and record it in summary.json."""
     from transformers import set_seed
 
-    from rlhf.tracking import null_tracker, start_stage
+    from rlhf.tracking.wandb_run import null_tracker, start_stage
 
     spec = REGISTRY[stage]
     group = cfg.logger.group or job.group
