@@ -109,14 +109,14 @@ def set_threads(threads: int, seed: int) -> None:
 
 
 def save_fresh_model(out_dir: Path, env_id: str, seed: int) -> Path:
-    """The project's tiny Llama (rlhf.config.ModelConfig defaults) with fresh weights from `seed` and the word-level
+    """The project's tiny Llama (rlhf.models.config.ModelConfig defaults) with fresh weights from `seed` and the word-level
     tokenizer over the task's vocabulary, saved with `save_pretrained` into `out_dir`."""
     import torch
     from transformers.utils import logging as hf_logging
 
     import envs
-    from rlhf.config import ModelConfig
-    from rlhf.models.loading import build_tiny_model
+    from rlhf.models.config import ModelConfig
+    from rlhf.models.tiny import build_tiny_model
     from rlhf.models.tokenizer import build_tokenizer
 
     hf_logging.disable_progress_bar()

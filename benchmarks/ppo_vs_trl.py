@@ -38,8 +38,8 @@ RESPONSE_LENGTH = 16
 def write_inputs(workdir: Path, num_prompts: int) -> dict[str, str]:
     """The shared inputs: vocabulary, tiny model config and prompts (json files both venvs can read)."""
     import envs
-    from rlhf.config import ModelConfig
-    from rlhf.models.loading import build_tiny_model
+    from rlhf.models.config import ModelConfig
+    from rlhf.models.tiny import build_tiny_model
     from rlhf.models.tokenizer import build_tokenizer
 
     vocabulary = envs.env_class(ENV_ID).vocabulary()

@@ -116,10 +116,10 @@ def default_model() -> Path:
 
 
 def smollm2_lora():
-    """The LoRA settings of conf/model/smollm2.yaml as `rlhf.config.LoraConfig` (read, so they stay in sync)."""
+    """The LoRA settings of conf/model/smollm2.yaml as `rlhf.models.config.LoraConfig` (read, so they stay in sync)."""
     from omegaconf import OmegaConf
 
-    from rlhf.config import LoraConfig
+    from rlhf.models.config import LoraConfig
 
     lora = OmegaConf.load(ROOT / "conf" / "model" / "smollm2.yaml").model.lora
     return LoraConfig(r=lora.r, alpha=lora.alpha, target_modules=list(lora.target_modules))
@@ -133,7 +133,8 @@ def quiet_transformers() -> None:
 
 
 def load_policy(path: Path, lora: bool):
-    from rlhf.models.loading import apply_lora, load_causal_lm
+    from rlhf.models.loading import load_causal_lm
+    from rlhf.models.lora import apply_lora
 
     model = load_causal_lm(path, "float32")
     return apply_lora(model, smollm2_lora()) if lora else model
@@ -471,8 +472,8 @@ def generation_scenarios(tokenizer, batch: int, group: int) -> list[tuple[str, l
 def generate_bench(args) -> list[dict[str, Any]]:
     import torch
 
-    from rlhf.models.loading import apply_lora
     from rlhf.models.loading import load_tokenizer as load_tok
+    from rlhf.models.lora import apply_lora
 
     tokenizer = load_tok(args.model)
     model = load_policy(args.model, lora=False).eval()

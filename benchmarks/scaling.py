@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/scaling.py --json scaling.json
 
 Our `PPOTrainer` (GAE, reward model score) on the tiny setup of benchmarks/ppo_vs_trl.py: the project's tiny Llama
-(`rlhf.config.ModelConfig` defaults, fresh weights) for policy, reference, critic and reward model, the word-level
+(`rlhf.models.config.ModelConfig` defaults, fresh weights) for policy, reference, critic and reward model, the word-level
 tokenizer of `rlhf/Review-v0`, float32, `torch.set_num_threads(--threads)`. Every configuration runs in its own
 subprocess, so its peak RSS is its own (VmHWM, `real_model.peak_rss_mib`: a child's `ru_maxrss` would include the
 parent's RSS at the spawn).
@@ -68,8 +68,9 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     import envs
-    from rlhf.config import ModelConfig, PPOConfig
-    from rlhf.models.loading import build_tiny_model
+    from rlhf.config import PPOConfig
+    from rlhf.models.config import ModelConfig
+    from rlhf.models.tiny import build_tiny_model
     from rlhf.models.tokenizer import build_tokenizer
     from rlhf.ppo.trainer import PPOTrainer
 

@@ -91,7 +91,7 @@ def peer_settings(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     """Everything the bare-TRL side must share with ours, read from our composed config and stage code."""
     import envs
     from rlhf.cli import compose
-    from rlhf.models.loading import build_tiny_model
+    from rlhf.models.tiny import build_tiny_model
     from rlhf.models.tokenizer import build_tokenizer
     from rlhf.run.pipeline import BASE, derive_seed, set_threads
     from rlhf.stages.trl_common import trainer_arguments

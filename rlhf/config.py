@@ -6,27 +6,17 @@ Each field is documented once, in the docstring line under it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from rlhf.common.fields import one_of
+from rlhf.models.config import DEVICES, ModelConfig
+
 STAGES = ("sft", "reward", "ppo", "evaluate")
 """Stage names in pipeline order; what each one is lives in the registry, `rlhf.stages.REGISTRY`."""
-
-
-def one_of(default: str | None, *choices: str) -> Any:
-    """A field that takes one of `choices`: `rlhf.run.validation` refuses any other value, naming the key and these.
-
-    The allowed values of every enum-like field are listed here, next to the field, and nowhere else.
-    """
-    return field(default=default, metadata={"choices": choices})
-
-
-def choices(schema: type, name: str) -> tuple[str, ...]:
-    """The allowed values of the `one_of` field `name` of a dataclass schema."""
-    return next(f for f in fields(schema) if f.name == name).metadata["choices"]
 
 
 @dataclass
@@ -61,45 +51,6 @@ class TaskConfig:
     """Named reward components (`rlhf.rewards`) added to those of `ppo.reward_source` (`env` and/or `model`; one of
     the same name replaces it): PPO trains on their weighted sum; each is logged as `reward/<name>`. Add components
     in a task preset (YAML); `task.rubric.<name>.weight=...` changes one from the command line."""
-
-
-@dataclass
-class LoraConfig:
-    r: int = 0
-    """LoRA rank; 0 trains all weights."""
-    alpha: int = 16
-    """LoRA scaling numerator (`lora_alpha`)."""
-    dropout: float = 0.0
-    """Dropout on the LoRA branch."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Module names that get adapters."""
-
-
-@dataclass
-class ModelConfig:
-    kind: str = one_of("tiny", "tiny", "hf")
-    """tiny (built from the sizes below and the task's vocabulary) | hf (`name_or_path`, which it requires)."""
-    name_or_path: str | None = None
-    """Hub id or local directory of a causal LM and its tokenizer; unset builds a tiny model from config."""
-    hidden_size: int = 64
-    """Tiny model: width."""
-    num_layers: int = 2
-    """Tiny model: transformer blocks."""
-    num_heads: int = 4
-    """Tiny model: attention heads."""
-    intermediate_size: int = 256
-    """Tiny model: MLP width."""
-    max_position_embeddings: int = 256
-    """Tiny model: longest sequence in tokens."""
-    tokenizer: str = one_of("word", "word", "bpe")
-    """Tiny model: word (one token per word of the task's vocabulary) | bpe (byte-level BPE trained on the task's
-    text, with BOS, pad = eos and a ChatML chat template, as real models have)."""
-    dtype: str = one_of("float32", "auto", "float32", "bfloat16", "float16")
-    """Training precision: auto (bfloat16 where the device multiplies it natively: a CUDA GPU with bf16, a CPU with
-    AMX or AVX512-BF16; float32 elsewhere) | float32 | bfloat16 | float16 (mixed precision: master weights stay
-    float32). A run directory keeps what auto chose on its first run; summary.json records it under `precision`."""
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    """Parameter-efficient fine-tuning; off when `lora.r=0`."""
 
 
 @dataclass
@@ -285,7 +236,7 @@ class RLHFConfig:
     """Stages to run, in pipeline order: any of sft, reward, ppo, evaluate."""
     seed: int = 0
     """Root seed; every stage derives its own from it."""
-    device: str = one_of("auto", "auto", "cpu", "cuda")
+    device: str = one_of("auto", *DEVICES)
     """auto (cuda when available, else cpu) | cpu | cuda."""
     num_threads: int = 0
     """CPU threads for torch; 0 picks 1 for a tiny model (its ops are too small to split) and torch's default

@@ -300,7 +300,7 @@ def test_dora_runs_peft_forward_in_the_sampler_and_is_refused_by_the_state_dict_
     trainer refuses it before training."""
     from peft import LoraConfig, get_peft_model
 
-    from rlhf.models.loading import check_adapters, merged_state_dict
+    from rlhf.models.lora import check_adapters, merged_state_dict
 
     model = random_adapters(
         get_peft_model(
@@ -325,7 +325,7 @@ def test_alora_is_refused_before_training(saved, tmp_path, float32_accelerator):
     from peft import LoraConfig, get_peft_model
 
     from rlhf.config import PPOConfig
-    from rlhf.models.loading import merged_state_dict
+    from rlhf.models.lora import merged_state_dict
     from rlhf.ppo.trainer import PPOTrainer
     from tests.architectures import RaggedDialogueEnv
 
@@ -349,7 +349,7 @@ def test_lora_on_gpt2_conv1d_merges_transposed(saved):
     B @ A, as peft's own merge does."""
     from peft import LoraConfig, get_peft_model
 
-    from rlhf.models.loading import merged_state_dict
+    from rlhf.models.lora import merged_state_dict
 
     model = random_adapters(
         get_peft_model(

@@ -10,7 +10,8 @@ import envs
 from envs.guess import GuessNumberEnv
 from envs.review import ReviewEnv
 from rlhf.models.chat_format import ChatFormat, FormatMismatch, assistant, user
-from rlhf.models.loading import build_tiny_tokenizer, load_tokenizer
+from rlhf.models.loading import load_tokenizer
+from rlhf.models.tiny import build_tiny_tokenizer
 from rlhf.ppo.rollout import fit_action, rollout
 
 

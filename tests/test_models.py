@@ -8,17 +8,15 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf.cli import compose
 from rlhf.models.loading import (
-    build_tiny_model,
     check_tokenizers_match,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
-    merge_lora,
-    merged_state_dict,
-    prepare_base_model,
     resolve_device,
     torch_dtype,
 )
+from rlhf.models.lora import merge_lora, merged_state_dict
+from rlhf.models.tiny import build_tiny_model, prepare_base_model
 from rlhf.models.tokenizer import build_tokenizer
 from tests.conftest import TINY_MODEL
 

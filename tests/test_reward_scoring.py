@@ -19,7 +19,8 @@ from trl.data_utils import _tokenize
 
 from envs.review import ReviewEnv
 from rlhf.models.chat_format import ChatFormat, assistant, user
-from rlhf.models.loading import build_tiny_tokenizer, load_tokenizer
+from rlhf.models.loading import load_tokenizer
+from rlhf.models.tiny import build_tiny_tokenizer
 from rlhf.models.tokenizer import stop_token_ids
 from rlhf.ppo.rollout import left_pad, rollout
 from rlhf.rewards.reward_model import RewardScorer, context_limit, keep_end, plain_text

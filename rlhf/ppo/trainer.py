@@ -44,7 +44,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch import nn
 
-from rlhf.models.loading import check_adapters, merge_lora, merged_state_dict
+from rlhf.models.lora import check_adapters, merge_lora, merged_state_dict
 from rlhf.models.tokenizer import stop_token_ids
 from rlhf.ppo.advantages import gae, group_token_advantages
 from rlhf.ppo.checkpoint import (

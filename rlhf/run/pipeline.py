@@ -327,7 +327,8 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
     """
     from accelerate import PartialState
 
-    from rlhf.models.loading import prepare_base_model, resolve_device
+    from rlhf.models.loading import resolve_device
+    from rlhf.models.tiny import prepare_base_model
     from rlhf.run.lock import hold_run_dir
 
     under_hydra = run_dir is None

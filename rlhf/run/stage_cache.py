@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rlhf.storage.manifest import build_manifest, fsync_dir, fsync_tree, manifest_problem
+from rlhf.common.manifest import build_manifest, fsync_dir, fsync_tree, manifest_problem
 
 log = logging.getLogger("rlhf")
 

@@ -1,7 +1,7 @@
 """One validation of the whole config, run before anything is written: every rule a user's config must follow.
 
 `validate(cfg)` raises ValueError with one line that names the key and says what to change; the CLI prints it as
-`rlhf: error: ...`. Enum-like fields declare their allowed values once, next to the field (`rlhf.config.one_of`),
+`rlhf: error: ...`. Enum-like fields declare their allowed values once, next to the field (`rlhf.common.fields.one_of`),
 and `check_choices` refuses anything else; every range and cross-field rule lives here, and the PPO trainer calls
 `check_ppo` for its own config object rather than repeating it.
 

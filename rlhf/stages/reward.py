@@ -18,7 +18,8 @@ from datasets import Dataset
 
 from rlhf.config import RLHFConfig
 from rlhf.models.chat_format import ChatFormat, single_text
-from rlhf.models.loading import load_reward_model, load_tokenizer, merge_lora
+from rlhf.models.loading import load_reward_model, load_tokenizer
+from rlhf.models.lora import merge_lora
 from rlhf.stages.base import StageContext, StageResult
 from rlhf.stages.trl_common import final_eval, replace_progress, trainer_arguments
 

@@ -184,7 +184,7 @@ def test_offline_stages_and_a_tiny_tokenizer_need_a_textenv(plain_pkg):
 @pytest.fixture
 def pretrained(plain_pkg, tmp_path) -> Path:
     """A tiny 'pretrained' model with a BPE tokenizer (ChatML, pad = eos), saved like any hub model."""
-    from rlhf.models.loading import build_tiny_model
+    from rlhf.models.tiny import build_tiny_model
     from rlhf.models.tokenizer import build_bpe_tokenizer
 
     texts = ["apple", "river", "stone", "cloud", "green"] * 20

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf.cli import compose
-from rlhf.models.loading import build_tiny_model, load_reward_model, load_tokenizer, prepare_base_model
+from rlhf.models.loading import load_reward_model, load_tokenizer
+from rlhf.models.tiny import build_tiny_model, prepare_base_model
 from rlhf.models.tokenizer import build_tokenizer
 from rlhf.ppo.checkpoint import latest_checkpoint, read_resume_run_id
 from rlhf.ppo.trainer import PPOTrainer

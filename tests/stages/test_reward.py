@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf.cli import compose
-from rlhf.models.loading import prepare_base_model
+from rlhf.models.tiny import prepare_base_model
 from rlhf.run.pipeline import BASE
 from rlhf.stages import reward
 from rlhf.stages.base import StageContext, StageResult
