@@ -482,7 +482,7 @@ def test_ppo_and_evaluate_through_the_pipeline(saved, tmp_path, name):
 
     from rlhf.cli import compose
     from rlhf.run.pipeline import run
-    from tests.conftest import TINY_PPO
+    from tests.helpers import TINY_PPO
 
     overrides = [
         "model=hf",

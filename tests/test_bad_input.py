@@ -18,7 +18,7 @@ from rlhf.cli import compose
 from rlhf.run.lock import LOCK_FILE, hold_run_dir
 from rlhf.run.pipeline import InputError, run
 from rlhf.stages import Stage
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 FINISHED = [*TINY, "logger=none", "stages=[sft,reward]"]
 REPO = Path(__file__).resolve().parents[1]

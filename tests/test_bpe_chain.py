@@ -20,7 +20,7 @@ from rlhf.cli import compose
 from rlhf.models.chat_format import ChatFormat
 from rlhf.models.loading import load_tokenizer
 from rlhf.run.pipeline import run
-from tests.conftest import TINY_CHAIN
+from tests.helpers import TINY_CHAIN
 
 BPE = [
     *TINY_CHAIN,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.tracking.wandb_offline import find_offline_runs, history_values, read_offline_run
-from tests.conftest import TINY, TINY_CHAIN
+from tests.helpers import TINY, TINY_CHAIN
 
 RLHF = str(Path(sys.executable).with_name("rlhf"))
 

@@ -18,7 +18,7 @@ from rlhf.rewards import build_rubric
 from rlhf.run.stage_keys import stage_keys
 from rlhf.tracking import console
 from rlhf.tracking.wandb_run import StageTracker
-from tests.ppo.conftest import WORDS, ToyEnv, tiny_llama
+from tests.helpers import WORDS, ToyEnv, tiny_llama
 
 CFG = PPOConfig(
     reward_source="env",

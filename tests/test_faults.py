@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf.tracking.wandb_offline import find_offline_runs, read_offline_run
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 ARGS = [
     *TINY_MODEL,

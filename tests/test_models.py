@@ -18,7 +18,7 @@ from rlhf.models.loading import (
 from rlhf.models.lora import merge_lora, merged_state_dict
 from rlhf.models.tiny import build_tiny_model, prepare_base_model
 from rlhf.models.tokenizer import build_tokenizer
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf.cli import compose
 from rlhf.run.pipeline import InputError, derive_seed, run
 from rlhf.tracking.wandb_offline import find_offline_runs, history_values, read_offline_run
-from tests.conftest import TINY, TINY_PPO
+from tests.helpers import TINY, TINY_PPO
 
 RUN = ["stages=[sft,reward]", *TINY, "sft.logging_steps=1", "reward.logging_steps=1"]
 """SFT then the reward model, a W&B row per optimizer step."""

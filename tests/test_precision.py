@@ -15,7 +15,7 @@ import rlhf.models.precision as precision
 from rlhf.cli import compose
 from rlhf.models.precision import CPUFeatures, cpu_bf16_verdict, resolve_dtype, slow_bf16_warning
 from rlhf.run.pipeline import run, settle_precision
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 SAPPHIRE_RAPIDS = CPUFeatures("Intel Xeon 8480", "AVX512", amx_bf16=True, avx512_bf16=True, onednn_bf16=True)
 ZEN4 = CPUFeatures("AMD EPYC 9004", "AVX512", amx_bf16=False, avx512_bf16=True, onednn_bf16=True)

@@ -13,7 +13,7 @@ import pytest
 from rlhf.cli import compose, objective_value
 from rlhf.run.pipeline import run
 from rlhf.run.stage_cache import ENTRY, StageCache
-from tests.conftest import TINY_CHAIN
+from tests.helpers import TINY_CHAIN
 
 CHAIN = [*TINY_CHAIN, "logger=none"]
 """The tiny chain without W&B; each test selects its stages."""

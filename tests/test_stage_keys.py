@@ -272,7 +272,7 @@ def test_a_run_after_the_users_environment_changed_reruns_and_says_why(readme_ec
     import logging
 
     from rlhf.run.pipeline import run
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     caplog.set_level(logging.INFO, logger="rlhf")
     overrides = [*TINY, "logger=none", "stages=[sft]", "task.env_id=my_pkg.echo:Echo-v0"]

@@ -16,7 +16,7 @@ import yaml
 from rlhf.run.pipeline import HydraJob, run_name
 from rlhf.run.sweep import declared_keys, swept_values
 from rlhf.tracking.wandb_offline import find_offline_runs, read_offline_run
-from tests.conftest import TINY_CHAIN
+from tests.helpers import TINY_CHAIN
 
 RLHF = str(Path(sys.executable).with_name("rlhf"))
 

@@ -18,7 +18,7 @@ import envs
 from envs.check import main
 from rlhf.cli import compose
 from rlhf.tracking.wandb_offline import find_offline_runs, history_values, read_offline_run
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 PLAIN_SOURCE = '''\
 """their_pkg/plain.py: plain gymnasium environments (not TextEnv), written for any library."""

@@ -163,8 +163,9 @@ def test_under_bf16_mixed_precision_the_worker_autocasts_as_the_trainer_does(
     tokenizer, tmp_path, one_thread_each, fresh_accelerator_state
 ):
     from accelerate import Accelerator
-    from conftest import ToyEnv, tiny_llama
     from test_trainer import critic_from
+
+    from tests.helpers import ToyEnv, tiny_llama
 
     trainers = {}
     for name, critic_process in (("serial", False), ("split", True)):
@@ -188,11 +189,11 @@ def test_under_bf16_mixed_precision_the_worker_autocasts_as_the_trainer_does(
 
 
 def tiny_worker(tokenizer):
-    from conftest import tiny_llama
     from test_trainer import critic_from
 
     from rlhf.ppo.critic_process import CriticProcess
     from rlhf.ppo.trainer import ValueHead
+    from tests.helpers import tiny_llama
 
     critic = ValueHead(critic_from(tiny_llama(tokenizer)))
     return CriticProcess(

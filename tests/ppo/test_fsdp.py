@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -104,12 +104,12 @@ def worker(argv: list[str]) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
-    from conftest import WORDS, ToyEnv, tiny_llama
     from test_trainer import BASE, critic_from
 
     from rlhf.models.tokenizer import build_tokenizer
     from rlhf.ppo.sharding import fsdp_version, gathered
     from rlhf.ppo.trainer import PPOTrainer
+    from tests.helpers import WORDS, ToyEnv, tiny_llama
 
     chosen = None
     if args.engine == "ddp":
@@ -261,9 +261,8 @@ def assert_same_run(a: Path, b: Path, atol: float) -> None:
 def tiny_weights() -> dict[str, torch.Tensor]:
     """The worker's initial policy weights (seed 0), as `save_pretrained` writes them."""
     sys.path.insert(0, str(HERE))
-    from conftest import WORDS, tiny_llama
-
     from rlhf.models.tokenizer import build_tokenizer
+    from tests.helpers import WORDS, tiny_llama
 
     with tempfile.TemporaryDirectory() as d:
         tiny_llama(build_tokenizer(WORDS), seed=0).save_pretrained(d)

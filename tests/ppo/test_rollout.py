@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BrokenEnv, DialogueEnv, NanEnv, ToyEnv, tiny_llama
 
 from rlhf.ppo.losses import policy_loss
 from rlhf.ppo.ops import logprobs_from_logits
 from rlhf.ppo.rollout import EnvFailure, response_logits, rollout, sequence_logprobs
+from tests.helpers import BrokenEnv, DialogueEnv, NanEnv, ToyEnv, tiny_llama
 
 
 def play(model, tokenizer, env_cls, n=8, response_length=6, temperature=1.0, stop=True, seed0=0):

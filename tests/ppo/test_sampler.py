@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rlhf.ppo.decoder import HFDecoder, LlamaDecoder, make_decoder
 from rlhf.ppo.sampler import KVSampler, draw_categorical
+from tests.helpers import tiny_llama
 from tests.numerics import kernel_tolerance
 
 pytestmark = pytest.mark.numerics  # engines against the model's forward: other kernels, so run under AVX2 too

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BrokenEnv, DialogueEnv, NanEnv, ToyEnv, tiny_llama
 from transformers import AutoModelForCausalLM, LlamaForSequenceClassification
 
 from rlhf.config import PPOConfig
@@ -23,7 +22,7 @@ from rlhf.ppo.advantages import group_advantages
 from rlhf.ppo.checkpoint import CheckpointError, latest_checkpoint, read_resume_run_id
 from rlhf.ppo.rollout import EnvFailure
 from rlhf.ppo.trainer import PPOTrainer, train_episode_seed
-from tests.conftest import free_port
+from tests.helpers import BrokenEnv, DialogueEnv, NanEnv, ToyEnv, free_port, tiny_llama
 
 BASE = PPOConfig(
     reward_source="env",
@@ -388,7 +387,7 @@ def test_two_processes_with_torchrun_share_one_global_batch(tmp_path):
             sys.path.insert(0, {str(Path(__file__).parent)!r})
             torch.set_num_threads(1)
             from accelerate import Accelerator
-            from conftest import ToyEnv, tiny_llama, WORDS
+            from tests.helpers import ToyEnv, tiny_llama, WORDS
             from dataclasses import replace
             from rlhf.models.tokenizer import build_tokenizer
             from test_trainer import BASE, critic_from

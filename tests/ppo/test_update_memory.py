@@ -7,12 +7,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import DialogueEnv, tiny_llama
 from peft import LoraConfig, get_peft_model
 from test_trainer import BASE, make_trainer, params
 
 from rlhf.ppo.ops import entropy_from_logits, logprobs_from_logits
 from rlhf.ppo.rollout import output_head, response_logits, response_logprobs, rollout
+from tests.helpers import DialogueEnv, tiny_llama
 
 
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])

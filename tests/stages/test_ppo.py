@@ -19,7 +19,7 @@ from rlhf.run.stage_keys import stage_keys
 from rlhf.stages import ppo
 from rlhf.stages.base import StageContext, StageResult
 from rlhf.tracking.wandb_run import null_tracker
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 FAST = [
     "logger=none",

@@ -15,7 +15,7 @@ from rlhf.run.pipeline import BASE
 from rlhf.stages import reward
 from rlhf.stages.base import StageContext, StageResult
 from rlhf.tracking.wandb_run import null_tracker
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 TINY = [
     *TINY_MODEL,
