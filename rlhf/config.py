@@ -14,6 +14,7 @@ from omegaconf import MISSING
 
 from rlhf.common.fields import one_of
 from rlhf.models.config import DEVICES, ModelConfig
+from rlhf.ppo.config import PPOConfig
 
 STAGES = ("sft", "reward", "ppo", "evaluate")
 """Stage names in pipeline order; what each one is lives in the registry, `rlhf.stages.REGISTRY`."""
@@ -85,105 +86,6 @@ class RewardConfig:
     """Longest sequence (prompt + response) in tokens."""
     logging_steps: int = 10
     """Optimizer steps between logged lines."""
-
-
-@dataclass
-class PPOConfig:
-    policy_path: str | None = None
-    """Policy (and frozen reference) to start from; unset uses the SFT stage's output."""
-    reward_model_path: str | None = None
-    """Reward model for `reward_source=model|both`; unset uses the reward stage's output."""
-    critic_init: str = one_of("reward", "reward", "sft")
-    """Critic initialisation: reward (the reward model) | sft (the policy's backbone)."""
-    reward_source: str = one_of("model", "env", "model", "both")
-    """Score of an episode: env (environment reward) | model (reward model) | both (weighted sum)."""
-    env_reward_weight: float = 1.0
-    """Weight of the environment's reward when `reward_source=both`."""
-    model_reward_weight: float = 1.0
-    """Weight of the reward model's score when `reward_source=both`."""
-    advantage: str = one_of("gae", "gae", "grpo", "rloo")
-    """Advantage estimator: gae (critic) | grpo | rloo (group baselines, no critic)."""
-    num_generations: int = 4
-    """Samples per prompt for grpo/rloo."""
-    total_episodes: int = 4096
-    """Episodes to train on in all."""
-    batch_size: int = 64
-    """Episodes per PPO update (global, across processes)."""
-    response_length: int = 16
-    """Most tokens the policy may generate in one turn."""
-    num_ppo_epochs: int = 4
-    """Passes over each batch."""
-    num_mini_batches: int = 4
-    """Minibatches per pass."""
-    learning_rate: float = 1e-4
-    """Policy and critic learning rate (AdamW, linear decay)."""
-    kl_coef: float = 0.05
-    """Initial coefficient of the per-token KL penalty to the reference."""
-    kl_estimator: str = one_of("k1", "k1", "k2", "k3")
-    """Per-token KL estimator: k1 (the only one allowed with `kl_in=reward`) | k2 | k3 (GRPO's, with `kl_in=loss`)."""
-    adaptive_kl: bool = False
-    """Adapt `kl_coef` towards `kl_target` (Ziegler et al. 2019)."""
-    kl_target: float = 6.0
-    """Target KL per episode for the adaptive controller."""
-    kl_horizon: int = 10000
-    """Horizon (episodes) of the adaptive controller."""
-    target_kl: float | None = None
-    """Stop an update's epochs early when approx KL to the rollout policy exceeds this."""
-    cliprange: float = 0.2
-    """Policy ratio clip."""
-    cliprange_value: float = 0.2
-    """Value clip around the rollout values."""
-    vf_coef: float = 0.1
-    """Value loss weight."""
-    ent_coef: float = 0.0
-    """Entropy bonus weight."""
-    gamma: float = 1.0
-    """Discount."""
-    lam: float = 0.95
-    """GAE lambda."""
-    whiten_rewards: bool = False
-    """Whiten per-token rewards before GAE."""
-    normalize_scores: bool = False
-    """Normalise episode scores with a running mean and std."""
-    temperature: float = 1.0
-    """Sampling temperature during rollouts."""
-    missing_eos_penalty: float | None = None
-    """Subtracted from the score of a turn that ends without the stop token."""
-    stop_token: str | None = "eos"
-    """Token that ends a turn: eos (the tokenizer's EOS and every id of the model's `generation_config.eos_token_id`,
-    e.g. Qwen2.5's <|im_end|> and <|endoftext|>) | a token of the vocabulary (that one only) | null (the length
-    limit only)."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
-    save_every: int = 0
-    """Updates between checkpoints; 0 only at the end."""
-    resume: bool = True
-    """Resume from the last checkpoint in the stage directory when there is one."""
-    log_every: int = 1
-    """Updates between rows of metrics in W&B (history.jsonl has every update; the console: console_every)."""
-    console_every: int = 5
-    """Updates between compact console lines (gold reward, score, KL, length, reward components, eps), plus the first
-    and last update; 0 prints none. The default gives ~14 lines for 64 updates; the full set goes to W&B."""
-    samples_every: int = 10
-    """Updates between sample tables."""
-    critic_learning_rate: float | None = None
-    """Critic learning rate; unset uses `learning_rate`."""
-    whiten_advantages: bool = True
-    """Whiten GAE advantages over each batch's action tokens (TRL does); group advantages are never whitened."""
-    forward_batch_size: int = 64
-    """Episodes per no-grad forward pass (reference, critic and reward model scoring); bounds memory."""
-    micro_batch_size: int | None = None
-    """Episodes per forward/backward inside a minibatch, gradients accumulated to one optimizer step (the same
-    step as the whole minibatch at once); bounds training memory whatever the batch size. None: the whole minibatch."""
-    kl_in: str = one_of("reward", "reward", "loss")
-    """Where the KL to the reference enters: reward (per-token penalty in the reward / advantage) | loss (a term of
-    the policy loss, GRPO's beta)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay of the policy and critic; 0 as TRL's PPO."""
-    critic_process: bool = False
-    """Train the critic (forward, backward, clipping, AdamW step) in a second process, in parallel with the policy
-    (weights and optimizer state in shared memory; checkpoints and results as without it). The CPU threads are split
-    between the two while it works, at least one each. CPU, single-process runs with ppo.advantage=gae."""
 
 
 @dataclass

@@ -54,6 +54,7 @@ from rlhf.ppo.checkpoint import (
     resumable_checkpoint,
     save_checkpoint,
 )
+from rlhf.ppo.config import check_ppo
 from rlhf.ppo.critic_process import CriticProcess, critic_micro_loss, critic_values
 from rlhf.ppo.kl import kl_penalty, logprob_mismatch, make_kl_controller
 from rlhf.ppo.losses import kl_loss, policy_loss
@@ -75,7 +76,6 @@ from rlhf.ppo.sharding import full_state_dict, gathered, shard_frozen
 from rlhf.rewards import Component, Episodes, build_rubric, component_values, describe, needs_reward_model
 from rlhf.rewards import token_scores as rubric_token_scores
 from rlhf.rewards.reward_model import RewardScorer
-from rlhf.run.validation import check_ppo
 from rlhf.tracking.console import ppo_line, progress
 
 log = logging.getLogger(__name__)

@@ -2,8 +2,8 @@
 
 `validate(cfg)` raises ValueError with one line that names the key and says what to change; the CLI prints it as
 `rlhf: error: ...`. Enum-like fields declare their allowed values once, next to the field (`rlhf.common.fields.one_of`),
-and `check_choices` refuses anything else; every range and cross-field rule lives here, and the PPO trainer calls
-`check_ppo` for its own config object rather than repeating it.
+and `check_choices` refuses anything else; every range and cross-field rule lives here, but those of the PPO settings
+alone: `check_ppo` lives beside `PPOConfig` in `rlhf.ppo.config` (the trainer calls it too).
 
 Adding a field: an enum-like one needs only `one_of(...)` in `rlhf/config.py`; a field with other rules gets a
 `check_*(cfg, stages)` function here, listed in `CHECKS`.
@@ -16,7 +16,8 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
 
-from rlhf.config import STAGES, PPOConfig, RLHFConfig
+from rlhf.config import STAGES, RLHFConfig
+from rlhf.ppo.config import check_ppo
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -96,59 +97,6 @@ def _fraction(node: Any, prefix: str, *names: str, closed: bool = True) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- sections
-
-
-def check_ppo(p: Any, num_processes: int = 1) -> None:
-    """PPO settings (`ppo.*`) on `num_processes` data-parallel processes: any object with PPOConfig's fields."""
-    check_choices(p, PPOConfig, "ppo.")
-    _positive(
-        p, "ppo", "learning_rate", "critic_learning_rate", "temperature", "cliprange", "cliprange_value"
-    )
-    _positive(p, "ppo", "max_grad_norm", "kl_target", "target_kl")
-    _at_least(p, "ppo", 1, "batch_size", "total_episodes", "response_length", "num_ppo_epochs")
-    _at_least(p, "ppo", 1, "num_mini_batches", "num_generations", "forward_batch_size", "micro_batch_size")
-    _at_least(p, "ppo", 1, "kl_horizon")
-    _at_least(
-        p,
-        "ppo",
-        0,
-        "kl_coef",
-        "vf_coef",
-        "weight_decay",
-        "save_every",
-        "log_every",
-        "console_every",
-        "samples_every",
-    )
-    _fraction(p, "ppo", "gamma", "lam")
-    if p.batch_size % num_processes:
-        raise ValueError(f"ppo.batch_size={p.batch_size} must be divisible by the {num_processes} processes")
-    local = p.batch_size // num_processes
-    if local % p.num_mini_batches:
-        raise ValueError(
-            f"ppo.batch_size / processes = {local} must be divisible by ppo.num_mini_batches={p.num_mini_batches}"
-        )
-    if p.advantage in ("grpo", "rloo") and (p.num_generations < 2 or local % p.num_generations):
-        raise ValueError(
-            f"ppo.advantage={p.advantage} needs ppo.num_generations >= 2 dividing the per-process batch {local}"
-        )
-    if p.critic_process and num_processes > 1:
-        raise ValueError(
-            f"ppo.critic_process runs the critic beside this process; with {num_processes} processes DDP/FSDP "
-            "reduces its gradients instead: set ppo.critic_process=false"
-        )
-    if p.total_episodes < p.batch_size:
-        raise ValueError(f"ppo.total_episodes={p.total_episodes} must be >= ppo.batch_size={p.batch_size}")
-    if p.kl_in == "reward" and p.kl_estimator != "k1":
-        raise ValueError(
-            f"ppo.kl_estimator={p.kl_estimator} is >= 0 on every token and biased as a reward; "
-            "use ppo.kl_estimator=k1 or set ppo.kl_in=loss"
-        )
-    if p.kl_in == "loss" and p.kl_estimator == "k1":
-        raise ValueError(
-            "ppo.kl_in=loss with ppo.kl_estimator=k1 has a zero gradient in expectation; "
-            "use ppo.kl_estimator=k3 (GRPO's) or k2"
-        )
 
 
 def check_numbers(cfg: RLHFConfig, stages: list[str]) -> None:
