@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from envs.base import TextEnv, bradley_terry_pair, words
+from envs.base import TextEnv, preference_pair, words
 
 DIGITS = tuple(str(d) for d in range(10))
 DEMO_ACCURACY = 0.6
@@ -135,20 +135,23 @@ class ArithmeticEnv(TextEnv):
     @classmethod
     def preferences(cls, n: int, seed: int) -> list[dict[str, Any]]:
         rng = np.random.default_rng(seed)
-        out = []
-        for _ in range(n):
-            a, b = _draw_problem(rng, cls.a_range, cls.b_range)
-            while True:
-                x, y = spell(_draw_answer(rng, a, b, cls)), spell(_draw_answer(rng, a, b, cls))
-                r_x, r_y = digit_score(x, a + b), digit_score(y, a + b)
-                if r_x != r_y:
-                    break
-            out.append(bradley_terry_pair(rng, _prompt(a, b), x, y, r_x, r_y, PREFERENCE_TEMPERATURE))
-        return out
+        return [_preference(rng, cls) for _ in range(n)]
 
 
 def _prompt(a: int, b: int) -> str:
     return f"{spell(a)} + {spell(b)} ="
+
+
+def _preference(rng: np.random.Generator, cls: type[ArithmeticEnv]) -> dict[str, Any]:
+    """Two replies to one problem, drawn like the demonstrations, with different gold."""
+    a, b = _draw_problem(rng, cls.a_range, cls.b_range)
+    return preference_pair(
+        rng,
+        _prompt(a, b),
+        draw=lambda: spell(_draw_answer(rng, a, b, cls)),
+        reward=lambda reply: digit_score(reply, a + b),
+        temperature=PREFERENCE_TEMPERATURE,
+    )
 
 
 def _draw_problem(

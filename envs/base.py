@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import gymnasium
@@ -29,11 +30,18 @@ from gymnasium import spaces
 __all__ = [
     "TextEnv",
     "bradley_terry_pair",
+    "id_of",
     "label_accuracy_ceiling",
+    "preference_pair",
     "printable_charset",
     "printable_text_space",
     "words",
 ]
+
+
+def id_of(env: gymnasium.Env) -> str:
+    """How errors name an environment: its registered id when made through `gymnasium.make`, else its class name."""
+    return env.spec.id if env.spec is not None else type(env).__name__
 
 
 def words(text: str) -> list[str]:
@@ -89,7 +97,7 @@ class TextEnv(gymnasium.Env[str, str]):
     @property
     def env_id(self) -> str:
         """The registered id when made through `gymnasium.make`, else the class name."""
-        return self.spec.id if self.spec is not None else type(self).__name__
+        return id_of(self)
 
     @property
     def turn(self) -> int:
@@ -221,6 +229,22 @@ def bradley_terry_pair(
     if rng.random() < p_a:
         return {"prompt": prompt, "chosen": response_a, "rejected": response_b}
     return {"prompt": prompt, "chosen": response_b, "rejected": response_a}
+
+
+def preference_pair(
+    rng: np.random.Generator,
+    prompt: Any,
+    draw: Callable[[], Any],
+    reward: Callable[[Any], float],
+    temperature: float,
+) -> dict[str, Any]:
+    """A labelled pair for `prompt`: two responses from `draw()`, drawn again while `reward` ties them (a tie
+    teaches a reward model nothing), then labelled by `bradley_terry_pair`."""
+    while True:
+        a, b = draw(), draw()
+        reward_a, reward_b = reward(a), reward(b)
+        if reward_a != reward_b:
+            return bradley_terry_pair(rng, prompt, a, b, reward_a, reward_b, temperature)
 
 
 def label_accuracy_ceiling(reward_gaps: list[float] | np.ndarray, temperature: float) -> float:

@@ -37,7 +37,7 @@ from gymnasium import spaces
 from gymnasium.utils.env_checker import check_env, data_equivalence
 
 import envs
-from envs.base import TextEnv
+from envs.base import TextEnv, id_of
 
 __all__ = ["CheckFailure", "check", "main"]
 
@@ -191,7 +191,7 @@ def _check_refusals(env: gymnasium.Env, warn: Warnings) -> None:
     """Bad actions (over-long, outside the charset) should be refused with a ValueError naming the id; the trainer
     never sends them (it fits replies into the action space), so an environment that accepts them only warns."""
     space: spaces.Text = env.action_space  # type: ignore[assignment]
-    env_id = env.spec.id if env.spec is not None else type(env).__name__
+    env_id = id_of(env)
     outside = next((c for c in _NOT_IN_MOST_CHARSETS if c not in space.character_set), None)
     filler = next(c for c in space.characters if c != " ") if len(space.characters) > 1 else " "
     bad_actions = {"over-long": filler * (space.max_length + 1)}

@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from envs.base import TextEnv, bradley_terry_pair, words
+from envs.base import TextEnv, preference_pair, words
 
 N = 16
 PREFERENCE_TEMPERATURE = 0.1
@@ -126,22 +126,26 @@ class GuessNumberEnv(TextEnv):
     @classmethod
     def preferences(cls, n: int, seed: int) -> list[dict[str, Any]]:
         rng = np.random.default_rng(seed)
-        out = []
-        for _ in range(n):
-            secret = int(rng.integers(1, N + 1))
-            while True:
-                a = _play(rng, secret, float(rng.uniform(0.0, 0.6)), cls)
-                b = _play(rng, secret, float(rng.uniform(0.0, 0.6)), cls)
-                r_a, r_b = cls.dialogue_gold(a), cls.dialogue_gold(b)
-                if r_a != r_b:
-                    break
-            out.append(bradley_terry_pair(rng, a[:1], a[1:], b[1:], r_a, r_b, PREFERENCE_TEMPERATURE))
-        return out
+        return [_preference(rng, cls) for _ in range(n)]
 
 
 def success_reward(turn: int, max_turns: int) -> float:
     """1 at the first reply, falling by 1 / max_turns per extra reply."""
     return 1.0 - (turn - 1) / max_turns
+
+
+def _preference(rng: np.random.Generator, cls: type[GuessNumberEnv]) -> dict[str, Any]:
+    """Two dialogues for one secret, from players of random sloppiness (0..0.6), with different gold; the prompt is
+    the opening message, the responses the rest of each dialogue."""
+    secret = int(rng.integers(1, N + 1))
+    opening = [{"role": "user", "content": cls.opening}]
+    return preference_pair(
+        rng,
+        opening,
+        draw=lambda: _play(rng, secret, float(rng.uniform(0.0, 0.6)), cls)[1:],
+        reward=lambda reply: cls.dialogue_gold([*opening, *reply]),
+        temperature=PREFERENCE_TEMPERATURE,
+    )
 
 
 def _play(

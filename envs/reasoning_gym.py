@@ -14,11 +14,9 @@ info after the step: "answer" (the dataset's reference answer) and "success" (th
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
-import gymnasium
-
-from envs.base import printable_charset, printable_text_space
+from envs.adapter import TextAdapter, import_library
 
 __all__ = ["INSTRUCTION", "ReasoningGymEnv"]
 
@@ -26,10 +24,9 @@ INSTRUCTION = "Answer with the final answer only, no explanation."
 """Appended to every question: a small model's replies are cut at `ppo.response_length` tokens."""
 
 
-class ReasoningGymEnv(gymnasium.Env[str, str]):
+class ReasoningGymEnv(TextAdapter):
     """One question of a reasoning-gym dataset per episode, scored by the dataset itself."""
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
     max_turns = 1
 
     def __init__(
@@ -44,25 +41,15 @@ class ReasoningGymEnv(gymnasium.Env[str, str]):
     ) -> None:
         """dataset: a name of `reasoning_gym.factory.DATASETS`; size, data_seed: the procedural dataset's size and
         seed (entries are generated on demand, so a large size costs nothing); options: the dataset's config."""
-        try:
-            import reasoning_gym
-        except ImportError as e:
-            raise ValueError(
-                'rlhf/ReasoningGym-v0 needs reasoning-gym: pip install -c constraints.txt -e ".[reasoning-gym]"'
-            ) from e
+        reasoning_gym = import_library("reasoning_gym", "rlhf/ReasoningGym-v0", "reasoning-gym")
         try:
             self.dataset = reasoning_gym.create_dataset(dataset, size=size, seed=data_seed, **options)
         except (ValueError, TypeError, AssertionError) as e:  # unknown name, unknown or invalid option
             raise ValueError(f"rlhf/ReasoningGym-v0: dataset={dataset!r} with options {options}: {e}") from e
+        super().__init__(max_observation_length, max_action_length)
         self.dataset_name = dataset
         self.instruction = instruction
-        self.observation_space = printable_text_space(max_observation_length)
-        self.action_space = printable_text_space(max_action_length)
         self._entry: dict[str, Any] | None = None
-
-    @property
-    def env_id(self) -> str:
-        return self.spec.id if self.spec is not None else type(self).__name__
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -72,18 +59,10 @@ class ReasoningGymEnv(gymnasium.Env[str, str]):
         self._entry = self.dataset[index]
         question = str(self._entry["question"]).strip()
         text = f"{question}\n{self.instruction}" if self.instruction else question
-        allowed = printable_charset()
-        obs = "".join(c for c in text if c in allowed)[: self.observation_space.max_length]
-        return obs, {"dataset": self.dataset_name, "index": index}
+        return self._printable(text), {"dataset": self.dataset_name, "index": index}
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
-        if self._entry is None:
-            raise RuntimeError(f"{self.env_id}: step() without an episode; call reset() first")
-        if not isinstance(action, str) or action not in self.action_space:
-            raise ValueError(
-                f"{self.env_id}: action must be a str of at most {self.action_space.max_length} printable "
-                f"characters, got {str(action)[:40]!r}"
-            )
+        self._check_action(action, running=self._entry is not None)
         entry, self._entry = self._entry, None
         score = float(self.dataset.score_answer(answer=action.strip(), entry=entry) or 0.0)
         info = {"answer": str(entry["answer"]), "success": score >= 1.0}

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from envs.base import TextEnv, bradley_terry_pair, words
+from envs.base import TextEnv, preference_pair, words
 
 SUBJECTS = ("film", "movie", "plot", "acting", "story", "ending", "cast", "music", "script", "dialogue")
 VERBS = ("was", "is", "felt", "seemed")
@@ -155,17 +155,7 @@ class ReviewEnv(TextEnv):
     @classmethod
     def preferences(cls, n: int, seed: int) -> list[dict[str, Any]]:
         rng = np.random.default_rng(seed)
-        out = []
-        for _ in range(n):
-            prompt = _draw_prompt(rng)
-            while True:
-                a = _draw_review(rng, mood=float(rng.uniform()))
-                b = _draw_review(rng, mood=float(rng.uniform()))
-                r_a, r_b = cls.gold_reward(prompt, a), cls.gold_reward(prompt, b)
-                if r_a != r_b:
-                    break
-            out.append(bradley_terry_pair(rng, prompt, a, b, r_a, r_b, PREFERENCE_TEMPERATURE))
-        return out
+        return [_preference(rng, cls) for _ in range(n)]
 
 
 _VOCABULARY_SET = frozenset(ReviewEnv.vocabulary())
@@ -234,6 +224,18 @@ def sentiment_counts_v1(completion: str) -> tuple[int, int]:
 def _draw_prompt(rng: np.random.Generator) -> str:
     subject, verb = divmod(int(rng.integers(len(SUBJECTS) * len(VERBS))), len(VERBS))  # one scalar draw: fast
     return f"review : the {SUBJECTS[subject]} {VERBS[verb]}"
+
+
+def _preference(rng: np.random.Generator, cls: type[ReviewEnv]) -> dict[str, Any]:
+    """Two reviews of one prompt with moods ~ Uniform(0, 1) and different gold."""
+    prompt = _draw_prompt(rng)
+    return preference_pair(
+        rng,
+        prompt,
+        draw=lambda: _draw_review(rng, mood=float(rng.uniform())),
+        reward=lambda review: cls.gold_reward(prompt, review),
+        temperature=PREFERENCE_TEMPERATURE,
+    )
 
 
 def _draw_adjective_phrase(rng: np.random.Generator, mood: float) -> list[str]:

@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import gymnasium
-
-from envs.base import printable_charset, printable_text_space
+from envs.adapter import TextAdapter, import_library
 
 __all__ = ["SkyRLEnv"]
 
 
-class SkyRLEnv(gymnasium.Env[str, str]):
+class SkyRLEnv(TextAdapter):
     """One dataset row per episode, played by a skyrl-gym environment."""
-
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
 
     def __init__(
         self,
@@ -42,13 +38,7 @@ class SkyRLEnv(gymnasium.Env[str, str]):
         max_observation_length: int = 16_384,
         max_action_length: int = 4_096,
     ) -> None:
-        try:
-            import skyrl_gym
-        except ImportError as e:
-            raise ValueError(
-                'rlhf/SkyRL-v0 needs skyrl-gym: pip install -c constraints.txt -e ".[skyrl-gym]"'
-            ) from e
-        self._skyrl = skyrl_gym
+        self._skyrl = import_library("skyrl_gym", "rlhf/SkyRL-v0", "skyrl-gym")
         self.env_name = env
         self.env_config = dict(env_config or {})
         self.rows = _rows(data)
@@ -57,14 +47,9 @@ class SkyRLEnv(gymnasium.Env[str, str]):
         probe = self._make(self.rows[0])
         self.max_turns = int(max_turns or getattr(probe, "max_turns", 1) or 1)
         probe.close()
-        self.observation_space = printable_text_space(max_observation_length)
-        self.action_space = printable_text_space(max_action_length)
+        super().__init__(max_observation_length, max_action_length)
         self._env = None
         self._turn = 0
-
-    @property
-    def env_id(self) -> str:
-        return self.spec.id if self.spec is not None else type(self).__name__
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -82,13 +67,7 @@ class SkyRLEnv(gymnasium.Env[str, str]):
         return self._text(conversation), {"index": index}
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
-        if self._env is None:
-            raise RuntimeError(f"{self.env_id}: step() without an episode; call reset() first")
-        if not isinstance(action, str) or action not in self.action_space:
-            raise ValueError(
-                f"{self.env_id}: action must be a str of at most {self.action_space.max_length} printable "
-                f"characters, got {str(action)[:40]!r}"
-            )
+        self._check_action(action, running=self._env is not None)
         out = self._env.step(action)
         self._turn += 1
         terminated = bool(out["done"])
@@ -108,9 +87,7 @@ class SkyRLEnv(gymnasium.Env[str, str]):
             raise ValueError(f"rlhf/SkyRL-v0: env={self.env_name!r} cannot take the row {row}: {e!r}") from e
 
     def _text(self, messages: list[dict[str, str]]) -> str:
-        allowed = printable_charset()
-        text = "\n\n".join(str(m.get("content", "")).strip() for m in messages)
-        return "".join(c for c in text if c in allowed)[: self.observation_space.max_length]
+        return self._printable("\n\n".join(str(m.get("content", "")).strip() for m in messages))
 
 
 def _rows(data: str | list[dict[str, Any]] | None) -> list[dict[str, Any]]:

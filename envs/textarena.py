@@ -26,12 +26,11 @@ import contextlib
 import math
 import random
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any
 
-import gymnasium
 import numpy as np
 
-from envs.base import printable_charset, printable_text_space
+from envs.adapter import TextAdapter, import_library
 
 __all__ = ["TextArenaEnv"]
 
@@ -39,10 +38,8 @@ PLAYER = 0
 """The policy's player id in a single-player game."""
 
 
-class TextArenaEnv(gymnasium.Env[str, str]):
+class TextArenaEnv(TextAdapter):
     """One TextArena single-player game per episode; the policy's replies are the moves."""
-
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
 
     def __init__(
         self,
@@ -54,19 +51,14 @@ class TextArenaEnv(gymnasium.Env[str, str]):
     ) -> None:
         """game: a TextArena environment id; max_turns: moves before the episode is truncated; game_kwargs: the
         game's own options (passed to `textarena.make`)."""
-        try:
-            import textarena
-            from textarena.core import Wrapper
-        except ImportError as e:
-            raise ValueError(
-                'rlhf/TextArena-v0 needs textarena: pip install -c constraints.txt -e ".[textarena]"'
-            ) from e
+        textarena = import_library("textarena", "rlhf/TextArena-v0", "textarena")
+        from textarena.core import Wrapper
+
         if max_turns < 1:
             raise ValueError(f"rlhf/TextArena-v0: max_turns must be >= 1, got {max_turns}")
         self.game = game
         self.max_turns = max_turns
-        self.observation_space = printable_text_space(max_observation_length)
-        self.action_space = printable_text_space(max_action_length)
+        super().__init__(max_observation_length, max_action_length)
         self._random = _random_states(0)
         with self._own_random():
             try:
@@ -81,10 +73,6 @@ class TextArenaEnv(gymnasium.Env[str, str]):
         self._raw = raw
         self._turn = 0
         self._running = False
-
-    @property
-    def env_id(self) -> str:
-        return self.spec.id if self.spec is not None else type(self).__name__
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -105,13 +93,7 @@ class TextArenaEnv(gymnasium.Env[str, str]):
         return obs, {"turn": 0}
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
-        if not self._running:
-            raise RuntimeError(f"{self.env_id}: step() without a running game; call reset() first")
-        if not isinstance(action, str) or action not in self.action_space:
-            raise ValueError(
-                f"{self.env_id}: action must be a str of at most {self.action_space.max_length} printable "
-                f"characters, got {str(action)[:40]!r}"
-            )
+        self._check_action(action, running=self._running, episode="a running game")
         with self._own_random():
             done, _ = self._game.step(action)
             obs = self._new_text()
@@ -137,9 +119,7 @@ class TextArenaEnv(gymnasium.Env[str, str]):
         """What the game told the player since the last call (not the player's own move), printable only."""
         _, messages = self._raw.get_observation()
         texts = [str(m[1]).strip() for m in messages or [] if m[0] != PLAYER]
-        allowed = printable_charset()
-        text = "".join(c for c in "\n".join(t for t in texts if t) if c in allowed)
-        return text[-self.observation_space.max_length :]
+        return self._printable("\n".join(t for t in texts if t), keep_end=True)
 
     @contextlib.contextmanager
     def _own_random(self) -> Iterator[None]:
