@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.errors import HydraException
@@ -15,6 +14,9 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from rlhf.config import register_configs
+
+if TYPE_CHECKING:
+    from rlhf.run.hydra_job import HydraJob
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 """`conf/` beside the `rlhf` package (the repository, or site-packages for a wheel install)."""
@@ -27,22 +29,24 @@ register_configs()
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """One run, or one job of a multirun; returns `cfg.objective`'s value (what the Optuna sweeper optimises)."""
-    from rlhf.run import pipeline
+    from rlhf.run.hydra_job import hydra_job
+    from rlhf.run.pipeline import InputError, run
 
-    job = pipeline.hydra_job()
+    job = hydra_job()
     if job.num is None:
         try:
-            return objective_value(pipeline.run(cfg), cfg.objective)
-        except pipeline.InputError as e:  # a user mistake found before training: one line, no traceback
+            return objective_value(run(cfg), cfg.objective)
+        except InputError as e:  # a user mistake found before training: one line, no traceback
             raise SystemExit(f"rlhf: error: {e}") from None
     return sweep_job(cfg, job)
 
 
-def sweep_job(cfg: DictConfig, job: Any) -> float | None:
+def sweep_job(cfg: DictConfig, job: HydraJob) -> float | None:
     """A multirun job: a failure (a bad value, an environment that raises) is recorded in `<job dir>/job.json`
     with its one-line error and the traceback in the job's log, and does not stop the sweep's other jobs, with
     any launcher; the sweep report lists it. Returns None when it failed (Optuna: a failed trial)."""
-    from rlhf.run import pipeline
+    from rlhf.run.hydra_job import write_job_record
+    from rlhf.run.pipeline import InputError, run
 
     record = {
         "status": "running",
@@ -54,12 +58,12 @@ def sweep_job(cfg: DictConfig, job: Any) -> float | None:
     write_job_record(job.run_dir, record)
     start = time.perf_counter()
     try:
-        summary = pipeline.run(cfg)
+        summary = run(cfg)
         record["status"] = "finished"
         return objective_value(summary, cfg.objective)
     except Exception as e:  # noqa: BLE001 -- isolate the job; KeyboardInterrupt still stops the sweep
         record["status"], record["error"] = "failed", error_line(e)
-        if isinstance(e, pipeline.InputError):
+        if isinstance(e, InputError):
             log.error("rlhf: error: %s", e)
         else:
             log.exception("job %s failed", job.num)
@@ -67,17 +71,6 @@ def sweep_job(cfg: DictConfig, job: Any) -> float | None:
     finally:
         record["seconds"] = round(time.perf_counter() - start, 3)
         write_job_record(job.run_dir, record)
-
-
-JOB_RECORD = "job.json"
-
-
-def write_job_record(job_dir: Path, record: dict[str, Any]) -> None:
-    """`<job dir>/job.json`: status (running | finished | failed), one-line error, overrides, seconds, number."""
-    job_dir.mkdir(parents=True, exist_ok=True)
-    tmp = job_dir / f"{JOB_RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(job_dir / JOB_RECORD)
 
 
 def error_line(error: BaseException) -> str:
@@ -110,12 +103,13 @@ def main() -> None:
     try:
         _hydra_main()
     except (HydraException, OmegaConfBaseException) as e:
-        raise SystemExit(f"rlhf: error: {one_line(e)}") from None
+        raise SystemExit(f"rlhf: error: {hydra_error_line(e)}") from None
 
 
-def one_line(error: BaseException) -> str:
-    """Hydra's message and its cause's, on one line: `Error merging override ppo.batch_size=abc: Value 'abc' of
-    type 'str' could not be converted to Integer (full_key: ppo.batch_size)`."""
+def hydra_error_line(error: BaseException) -> str:
+    """A Hydra or OmegaConf error on one line: its message and its cause's, the first `full_key` last (Hydra's
+    config search path and the lines that echo the override left out): `Error merging override
+    ppo.batch_size=abc: Value 'abc' of type 'str' could not be converted to Integer (full_key: ppo.batch_size)`."""
     parts = [str(error)]
     if error.__cause__ is not None and str(error.__cause__) not in parts[0]:
         parts.append(str(error.__cause__))

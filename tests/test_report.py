@@ -37,7 +37,7 @@ def write_job(
     job: dict | None = None,
     cached: tuple[str, ...] = (),
 ) -> None:
-    """A job dir as rlhf writes it: summary.json (pipeline.summary_entry's format) and, in multirun, job.json."""
+    """A job dir as rlhf writes it: summary.json (rlhf.run.summary's format) and, in multirun, job.json."""
     job_dir.mkdir(parents=True)
     entries = {
         name: {

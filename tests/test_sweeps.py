@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.run.pipeline import HydraJob, run_name
+from rlhf.run.hydra_job import HydraJob, run_name
 from rlhf.run.sweep import declared_keys, swept_values
 from rlhf.tracking.wandb_offline import find_offline_runs, read_offline_run
 from tests.helpers import TINY_CHAIN

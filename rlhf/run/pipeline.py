@@ -4,10 +4,9 @@ In this order, so that a mistake costs seconds and a run directory never lies:
 
 1. validate  the whole config (`rlhf.run.validation`); nothing is written before it passes
 2. lock      the run directory (`rlhf.run.lock`): a second process there fails at once
-3. plan      with stage keys (`rlhf.run.stage_keys`): a stage finished in this directory is reused only when its key
-             (its config, its upstream's keys, the package version) is unchanged; otherwise it reruns, and so does
-             every stage after it. summary.json forgets what will be redone before anything runs, so a kill at any
-             later moment leaves only valid entries. A PPO checkpoint is resumed only under the same key.
+3. plan      what runs, what is reused and what resumes, by stage keys (`rlhf.run.plan`). summary.json
+             (`rlhf.run.summary`) forgets what will be redone before anything runs, so a kill at any later moment
+             leaves only valid entries
 4. base      the tiny base model is (re)built when its key changed
 5. stages    from the registry (`rlhf.stages.REGISTRY`): one W&B run each; summary.json after each. With a stage
              cache (`rlhf.run.stage_cache`; a multirun's jobs share one), a stage whose key has a published entry is
@@ -19,7 +18,6 @@ Any user mistake found in steps 1-4 is an InputError: one line, before any train
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -27,24 +25,21 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import STAGES, RLHFConfig
-from rlhf.run.stage_cache import StageCache
-from rlhf.run.stage_keys import StageKey, changes, stage_keys
-from rlhf.run.sweep import declared_keys, swept_values
+from rlhf.config import RLHFConfig
+from rlhf.run.hydra_job import HydraJob, hydra_job, job_outside_hydra, run_name, write_hydra_record
+from rlhf.run.plan import Plan, plan_run, resume_ids, settle_precision, stage_inputs
+from rlhf.run.stage_cache import StageCache, cache_root
+from rlhf.run.summary import SUMMARY, cached_entry, read_summary, summary_entry, write_summary
+from rlhf.run.sweep import swept_values
 from rlhf.run.validation import validate
 from rlhf.stages import BASE, REGISTRY
-from rlhf.stages.base import StageContext, StageResult, needs_message
-from rlhf.tracking.wandb_run import plain_scalar
+from rlhf.stages.base import StageContext, StageResult
 
 log = logging.getLogger("rlhf")
-
-SUMMARY = "summary.json"
-CACHE_IN_SWEEP = ".stage_cache"
-"""The default stage cache of a multirun, under its sweep directory."""
 
 
 class InputError(ValueError):
@@ -78,248 +73,6 @@ def set_threads(cfg: RLHFConfig) -> int:
     return torch.get_num_threads()
 
 
-@dataclass(frozen=True)
-class HydraJob:
-    """Where Hydra runs this invocation and, in a multirun, which job of which sweep it is."""
-
-    run_dir: Path
-    group: str
-    """The W&B group: the sweep directory's name in a multirun, else the run directory's."""
-    num: int | None = None
-    """The job's number in a multirun, else None."""
-    sweep_dir: Path | None = None
-    """The sweep directory in a multirun, else None."""
-    overrides: tuple[str, ...] = ()
-    """The job's own command-line overrides (`ppo.kl_coef=0.02`, the swept values among them)."""
-    swept: frozenset[str] | None = None
-    """The keys the sweep varies (None: unknown, every override counts)."""
-
-
-def hydra_job() -> HydraJob:
-    """This invocation's place, from Hydra's runtime config."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    overrides = tuple(hc.overrides.task)
-    if hc.mode == RunMode.MULTIRUN:
-        sweep_dir = Path(hc.sweep.dir).resolve()
-        swept = declared_keys(sweep_dir, hc.sweeper.get("params")) or None
-        return HydraJob(run_dir, _group_name(sweep_dir), hc.job.num, sweep_dir, overrides, swept)
-    return HydraJob(run_dir, _group_name(run_dir), overrides=overrides)
-
-
-def run_name(job: HydraJob, stage: str) -> str:
-    """A W&B run's name: in a sweep, the job's swept values (`kl_coef=0.02,seed=1-ppo`), else `<group>-<stage>`."""
-    if job.num is None:
-        return f"{job.group}-{stage}"
-    values = swept_values(job.overrides, job.swept)
-    swept = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
-    return f"{swept or job.num}-{stage}"
-
-
-def cache_root(cfg: RLHFConfig, sweep_dir: Path | None) -> Path | None:
-    """The stage cache's directory: `cache_dir`, else the sweep's `.stage_cache` in a multirun; None when off."""
-    if not cfg.cache:
-        return None
-    if cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser()
-    return sweep_dir / CACHE_IN_SWEEP if sweep_dir is not None else None
-
-
-def write_hydra_record(cfg: RLHFConfig, run_dir: Path) -> None:
-    """Hydra's record of the invocation (`.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml`), written only once
-    the config passed validation and the directory is locked: conf/config.yaml turns off Hydra's own early write
-    (`hydra.output_subdir: null`), which would overwrite a finished run's record with a refused config."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    hc = HydraConfig.get()
-    out = run_dir / ".hydra"
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml")
-    OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hc)}), out / "hydra.yaml")
-    OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), out / "overrides.yaml")
-
-
-def _group_name(path: Path) -> str:
-    """A readable group name: the directory's name, with its parent's when that is only a time (Hydra's default)."""
-    path = path.resolve()
-    name = path.name
-    if re.fullmatch(r"[\d_:.-]+", name) and path.parent.name:
-        name = f"{path.parent.name}_{name}"
-    return name
-
-
-# ------------------------------------------------------------------------------------------------- summary.json
-
-
-def read_summary(run_dir: Path) -> dict[str, Any]:
-    """`run_dir/summary.json`: {"base": {"artifact", "key", "config"}, "stages": {name: entry}} ({"stages": {}}
-    when there is none)."""
-    path = Path(run_dir) / SUMMARY
-    summary = json.loads(path.read_text()) if path.exists() else {}
-    summary.setdefault("stages", {})
-    return summary
-
-
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    """Write summary.json atomically, stages in pipeline order."""
-    stages = summary["stages"]
-    ordered = {name: stages[name] for name in [*STAGES, *sorted(stages)] if name in stages}
-    out = {k: summary[k] for k in ("precision", "base") if summary.get(k) is not None}
-    out["stages"] = ordered
-    path = Path(run_dir) / SUMMARY
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def summary_entry(
-    result: StageResult, key: StageKey, wandb_run: str | None, wandb_artifact: str | None
-) -> dict[str, Any]:
-    """A finished stage as summary.json records it: its output, time, metrics, W&B run and artifact, stage key,
-    and whether it came from the stage cache."""
-    return {
-        "artifact": str(Path(result.artifact).resolve()),
-        "seconds": round(float(result.seconds), 3),
-        "metrics": {k: plain_scalar(v) for k, v in result.metrics.items()},
-        "wandb_run": wandb_run,
-        "wandb_artifact": wandb_artifact,
-        "key": key.key,
-        "config": key.config,
-        "cached": False,
-    }
-
-
-def stage_inputs(
-    cfg: RLHFConfig, stage: str, entries: dict[str, dict[str, Any]]
-) -> dict[str, dict[str, Any]]:
-    """The upstream outputs a stage reads, for its W&B run's lineage: {upstream: {W&B artifact and run, key,
-    path, cached}}."""
-    return {
-        name: {
-            "artifact": entries[name].get("wandb_artifact"),
-            "run": entries[name].get("wandb_run"),
-            "key": entries[name].get("key"),
-            "path": entries[name].get("artifact"),
-            "cached": bool(entries[name].get("cached")),
-        }
-        for name in REGISTRY[stage].reads(cfg)
-        if name in entries
-    }
-
-
-# ------------------------------------------------------------------------------------------------------ planning
-
-
-def settle_precision(
-    cfg: RLHFConfig, summary: dict[str, Any], device_type: str, main: bool
-) -> dict[str, str]:
-    """Make `cfg.model.dtype` concrete before any key is computed, and return summary.json's record of it.
-
-    `auto` resolves from the hardware (`rlhf.models.precision`), except in a run directory that already resolved it: there
-    the recorded dtype is kept, so a resume (also on another kind of machine) continues in the precision its
-    finished stages and checkpoints were made in. An explicit dtype is obeyed, with a warning where bf16 is slow.
-    """
-    from rlhf.models.precision import AUTO, resolve_dtype, slow_bf16_warning
-
-    requested = cfg.model.dtype
-    recorded = summary.get("precision") or {}
-    # kept also when no stage finished yet: a killed first stage's checkpoint resumes in its precision
-    if requested == AUTO and recorded.get("requested") == AUTO:
-        dtype, reason = recorded["dtype"], recorded.get("reason", "")
-        shown = f"kept from this run directory's first run ({reason})"
-    else:
-        dtype, reason = resolve_dtype(requested, device_type)
-        shown = reason
-    if main:
-        if requested == AUTO:
-            log.info("model.dtype=auto -> %s: %s", dtype, shown)
-        elif warning := slow_bf16_warning(dtype, device_type):
-            log.warning(warning)
-    cfg.model.dtype = dtype
-    return {"requested": requested, "dtype": dtype, "reason": reason}
-
-
-@dataclass
-class Plan:
-    keys: dict[str, StageKey]
-    """The base model's and every stage's key under this config."""
-    build_base: bool
-    """(Re)build the tiny base model: none yet, or one built for another config."""
-    run: list[str]
-    """Stages to run, in pipeline order."""
-    reused: dict[str, dict[str, Any]]
-    """summary.json entries of finished stages that stay valid: upstream of the stages that run."""
-    notes: list[str]
-    """One line per decision that is not a plain first run, for the log."""
-
-
-def plan_run(cfg: RLHFConfig, selected: list[str], run_dir: Path, summary: dict[str, Any]) -> Plan:
-    """Decide what runs and what is reused; ValueError when a stage to run reads an output it cannot have."""
-    keys = stage_keys(cfg)
-    notes: list[str] = []
-    build_base = False
-    if not cfg.model.name_or_path:
-        base_dir, recorded_base = run_dir / BASE, summary.get("base") or {}
-        built = (base_dir / "config.json").exists() and (base_dir / "tokenizer.json").exists()
-        build_base = not (built and recorded_base.get("key") == keys[BASE].key)
-        if build_base and built:
-            why = changes(recorded_base.get("config", {}), keys[BASE].config) or "not recorded"
-            notes.append(
-                f"base: {base_dir} was built for another config ({why}): rebuilding it and every stage"
-            )
-    earlier_reruns = build_base  # from here on every recorded output is stale
-    run: list[str] = []
-    reused: dict[str, dict[str, Any]] = {}
-    stale: dict[str, str] = {}
-    for name in STAGES:
-        entry = summary["stages"].get(name)
-        if entry is None:
-            if name in selected:
-                run.append(name)
-                earlier_reruns = True
-            continue
-        if entry.get("key") != keys[name].key:
-            why = changes(entry.get("config", {}), keys[name].config) or "its upstream changed"
-        elif not Path(entry["artifact"]).exists():
-            why = f"{entry['artifact']} is gone"
-        elif earlier_reruns:
-            why = "an earlier stage reruns"
-        else:
-            reused[name] = entry
-            if name in selected:
-                notes.append(f"{name}: finished in this run directory with the same config: reusing it")
-            continue
-        stale[name] = why
-        if name in selected:
-            run.append(name)
-            earlier_reruns = True
-            notes.append(
-                f"{name}: its finished output no longer matches ({why}): rerunning it and every stage after it"
-            )
-        else:
-            notes.append(f"{name}: its finished output no longer matches ({why}): dropped from {SUMMARY}")
-    for name in run:
-        for upstream, instead in REGISTRY[name].reads(cfg).items():
-            if upstream in reused or upstream in run:
-                continue
-            if upstream in stale:
-                raise ValueError(
-                    f"{name} reads the {upstream} stage's output in {run_dir}, which no longer matches "
-                    f"({stale[upstream]}); add {upstream} to stages to rerun it, or use a new hydra.run.dir"
-                )
-            if instead:
-                raise ValueError(needs_message(name, upstream, instead))
-    return Plan(keys, build_base, run, reused, notes)
-
-
-# ---------------------------------------------------------------------------------------------------------- run
-
-
 def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) -> dict:
     """Run `cfg.stages` in order; returns the summary written to `run_dir/summary.json`.
 
@@ -332,7 +85,7 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
     from rlhf.run.lock import hold_run_dir
 
     under_hydra = run_dir is None
-    job = hydra_job() if under_hydra else HydraJob(Path(run_dir), _group_name(Path(run_dir)))
+    job = hydra_job() if under_hydra else job_outside_hydra(Path(run_dir))
     job = replace(job, group=group or job.group)
     if under_hydra:
         from rlhf.tracking.console import set_job
@@ -353,15 +106,11 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
                 summary["precision"] = settle_precision(cfg, summary, resolve_device(cfg.device).type, main)
                 plan = plan_run(cfg, selected, run_dir, summary)
             process.wait_for_everyone()  # every process planned from the same summary.json before it changes
-            resume_ids: dict[str, str | None] = {}
+            resumes: dict[str, str | None] = {}
             if main:
                 for note in plan.notes:
                     log.info(note)
-                resume_ids = {
-                    name: REGISTRY[name].resume(cfg, run_dir / name, plan.keys[name].key)
-                    for name in plan.run
-                    if REGISTRY[name].resume is not None
-                }
+                resumes = resume_ids(cfg, plan, run_dir)
                 if under_hydra:
                     write_hydra_record(cfg, run_dir)
                 # forget what will be redone before redoing it: a kill from here on leaves only valid entries
@@ -423,7 +172,7 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
                     )  # fmt: skip
                     continue
                 results[stage] = _run_stage(
-                    cfg, stage, i, plan, job, run_dir, results, summary, resume_ids, main
+                    cfg, stage, i, plan, job, run_dir, results, summary, resumes, main
                 )
                 if cache is not None and main:
                     entry = cache.publish(
@@ -432,9 +181,8 @@ def run(cfg: RLHFConfig, run_dir: Path | None = None, group: str | None = None) 
                     summary["stages"][stage]["cache_entry"] = str(entry)
                     write_summary(run_dir, summary)
         process.wait_for_everyone()
-    path = run_dir / SUMMARY
-    log.info("summary: %s", path)
-    return json.loads(path.read_text())
+    log.info("summary: %s", run_dir / SUMMARY)
+    return read_summary(run_dir)
 
 
 def _from_main(process: Any, value: Any) -> Any:
@@ -446,13 +194,6 @@ def _from_main(process: Any, value: Any) -> Any:
     return broadcast_object_list([value])[0]
 
 
-def cached_entry(record: dict[str, Any], entry_dir: Path) -> dict[str, Any]:
-    """summary.json's entry of a stage reused from the cache: the entry's record (its W&B run and artifact are the
-    ones that made it), marked cached and naming the cache entry."""
-    keep = ("artifact", "seconds", "metrics", "wandb_run", "wandb_artifact", "key", "config")
-    return {**{k: record.get(k) for k in keep}, "cached": True, "cache_entry": str(entry_dir)}
-
-
 def _run_stage(
     cfg: RLHFConfig,
     stage: str,
@@ -462,7 +203,7 @@ def _run_stage(
     run_dir: Path,
     results: dict[str, StageResult],
     summary: dict[str, Any],
-    resume_ids: dict[str, str | None],
+    resumes: dict[str, str | None],
     main: bool,
 ) -> StageResult:
     """Run one stage in its own W&B run (main process) and record it in summary.json."""
@@ -478,7 +219,7 @@ def _run_stage(
             stage,
             run_dir,
             group,
-            resume_id=resume_ids.get(stage),
+            resume_id=resumes.get(stage),
             name=run_name(job, stage),
             swept=swept_values(job.overrides, job.swept) if job.num is not None else None,
             inputs=stage_inputs(cfg, stage, summary["stages"]),

@@ -28,17 +28,31 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.common.manifest import build_manifest, fsync_dir, fsync_tree, manifest_problem
 
+if TYPE_CHECKING:
+    from rlhf.config import RLHFConfig
+
 log = logging.getLogger("rlhf")
 
+CACHE_IN_SWEEP = ".stage_cache"
+"""The default stage cache of a multirun, under its sweep directory."""
 ENTRY = "entry.json"
 ARTIFACT = "artifact"
 TMP_PREFIX = ".tmp-"
 NOT_CACHED = ("checkpoints",)
 """Parts of a stage's output directory that only a resumed run of the same directory needs."""
+
+
+def cache_root(cfg: RLHFConfig, sweep_dir: Path | None) -> Path | None:
+    """The stage cache's directory: `cache_dir`, else the sweep's `.stage_cache` in a multirun; None when off."""
+    if not cfg.cache:
+        return None
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return sweep_dir / CACHE_IN_SWEEP if sweep_dir is not None else None
 
 
 class StageCache:

@@ -7,4 +7,5 @@ console.py        the progress bar and the compact line per logged step
 wandb_offline.py  a reader for offline `.wandb` files (history without a server)
 wandb_sync.py     `rlhf-sync`: upload a run's or sweep's offline W&B runs
 report.py         `rlhf-report` and the multirun callback: the sweep's table, CSV and plot
+report_plot.py    the sweep report's plot: reward against KL per setting
 """

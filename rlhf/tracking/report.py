@@ -5,9 +5,9 @@ one. The report gathers them:
 
     SWEEP_DIR/report.csv   one row per job: swept values, status, error, seconds, cached stages, every final metric
     SWEEP_DIR/report.md    the same jobs with the headline metrics (printed too), and the mean over seeds per setting
-    SWEEP_DIR/report.png   gold and proxy reward against KL to the reference policy, across jobs: the reward
-                           over-optimisation picture of Gao et al. (2022), "Scaling Laws for Reward Model
-                           Overoptimization"; jobs that differ only in `seed` are one point (mean, min-max bars)
+    SWEEP_DIR/report.png   gold and proxy reward against KL to the reference policy, across jobs
+                           (`rlhf.tracking.report_plot`); jobs that differ only in `seed` are one point (mean,
+                           min-max bars)
 
 `SweepReport`, a Hydra callback registered in conf/config.yaml, writes it at the end of every multirun.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import math
 import shlex
@@ -28,13 +27,13 @@ from typing import Any, TextIO
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf.config import STAGES
+from rlhf.run.hydra_job import JOB_RECORD, read_job_record
+from rlhf.run.summary import SUMMARY, in_pipeline_order, read_summary
 from rlhf.run.sweep import MULTIRUN_RECORD, declared_keys, override_values
+from rlhf.tracking.report_plot import plot
 
 log = logging.getLogger("rlhf")
 
-JOB_FILE = "job.json"
-SUMMARY_FILE = "summary.json"
 MAX_DEPTH = 3
 """How deep under the sweep dir a job dir may lie (`hydra.sweep.subdir` may nest it)."""
 SEED_KEY = "seed"
@@ -67,7 +66,7 @@ def find_jobs(sweep_dir: Path) -> list[Path]:
     found = []
     for depth in range(1, MAX_DEPTH + 1):
         for path in sweep_dir.glob("/".join(["*"] * depth)):
-            if path.is_dir() and ((path / JOB_FILE).exists() or (path / SUMMARY_FILE).exists()):
+            if path.is_dir() and ((path / JOB_RECORD).exists() or (path / SUMMARY).exists()):
                 found.append(path)
     return sorted(found, key=_natural_key)
 
@@ -77,10 +76,10 @@ def _natural_key(path: Path) -> list[Any]:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts]
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file, or {} when it is missing or half-written (a running job may be writing it right now)."""
+def read_stages(job_dir: Path) -> dict[str, Any]:
+    """The job's finished stages from its summary.json, or {} when it has none or it is unreadable."""
     try:
-        return json.loads(path.read_text())
+        return read_summary(job_dir)["stages"]
     except (OSError, ValueError):
         return {}
 
@@ -102,35 +101,30 @@ def job_status(job: dict[str, Any], stages: dict[str, Any]) -> str:
     return "finished" if "evaluate" in stages or "ppo" in stages else "unknown"
 
 
-def one_line(text: Any) -> str:
-    """An error message as one line, for a table cell."""
+def collapse_whitespace(text: Any) -> str:
+    """`text` on one line, each run of whitespace (newlines included) one space; "" for None."""
     return " ".join(str(text).split()) if text else ""
 
 
 def read_job(sweep_dir: Path, job_dir: Path) -> dict[str, Any]:
     """Everything the report needs from one job dir, flat: its row of report.csv (plus `overrides`)."""
-    job = read_json(job_dir / JOB_FILE)
-    stages = read_json(job_dir / SUMMARY_FILE).get("stages", {})
+    job = read_job_record(job_dir)
+    stages = read_stages(job_dir)
     seconds = job.get("seconds")
     if seconds is None and stages:
         seconds = sum(float(entry.get("seconds", 0.0)) for entry in stages.values())
     row: dict[str, Any] = {
         "job": job_dir.relative_to(sweep_dir).as_posix(),
         "status": job_status(job, stages),
-        "error": one_line(job.get("error")),
+        "error": collapse_whitespace(job.get("error")),
         "seconds": round(float(seconds), 1) if seconds is not None else None,
-        "cached": " ".join(name for name in _ordered(stages) if stages[name].get("cached", False)),
+        "cached": " ".join(name for name in in_pipeline_order(stages) if stages[name].get("cached", False)),
         "overrides": job_overrides(job_dir, job),
     }
-    for name in _ordered(stages):
+    for name in in_pipeline_order(stages):
         for metric, value in stages[name].get("metrics", {}).items():
             row[f"{name}/{metric}"] = value
     return row
-
-
-def _ordered(stages: dict[str, Any]) -> list[str]:
-    """Stage names in pipeline order, unknown ones last."""
-    return [name for name in [*STAGES, *sorted(set(stages) - set(STAGES))] if name in stages]
 
 
 # -------------------------------------------------------------------------------------------------- swept keys
@@ -202,11 +196,6 @@ def aggregate(jobs: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any
     return sorted(settings, key=lambda row: row["ppo/kl mean"])
 
 
-def setting_label(setting: dict[str, Any], keys: list[str]) -> str:
-    """`kl_coef=0.02`: the setting's swept values, each key shortened to its last part."""
-    return " ".join(f"{key.rsplit('.', 1)[-1]}={setting[key]}" for key in keys if key != SEED_KEY)
-
-
 # ----------------------------------------------------------------------------------------------------- writing
 
 
@@ -257,87 +246,6 @@ def settings_table(settings: list[dict[str, Any]], keys: list[str]) -> str:
     return markdown_table(rows, [key for key in keys if key != SEED_KEY] + ["seeds", *metrics])
 
 
-def plot(path: Path, settings: list[dict[str, Any]], keys: list[str]) -> Path | None:
-    """report.png: gold (left) and proxy (right) reward against KL, one point per setting with min-max bars,
-    starting from the SFT policy at KL 0. Nothing to plot (no evaluated job): no file, an old one removed."""
-    if not settings:
-        path.unlink(missing_ok=True)
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
-    panels = (
-        ("gold_reward", "gold reward (environment, ground truth)"),
-        ("proxy_reward", "proxy reward (reward model score)"),
-    )
-    for ax, (name, title) in zip(axes, panels):
-        _plot_panel(ax, settings, keys, name)
-        ax.set(
-            title=title,
-            xlabel="KL(policy || SFT reference), nats per episode",
-            ylabel=f"mean {name.replace('_', ' ')}",
-        )
-        ax.grid(alpha=0.3)
-    seeds = max(s["n"] for s in settings)
-    note = f"; mean of up to {seeds} seeds per setting, bars min..max" if seeds > 1 else ""
-    fig.suptitle(f"Reward over-optimisation across the sweep (cf. Gao et al. 2022){note}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _plot_panel(ax: Any, settings: list[dict[str, Any]], keys: list[str], name: str) -> None:
-    """One reward on one axes: the SFT start (over all settings), then each setting, joined in order of KL."""
-    ppo = [s for s in settings if f"ppo/{name} mean" in s]
-    if not ppo:
-        ax.text(0.5, 0.5, f"no ppo/{name} in this sweep", ha="center", va="center", transform=ax.transAxes)
-        return
-    sft = [s for s in settings if f"sft/{name} mean" in s]
-    if sft:
-        values = [s[f"sft/{name} mean"] for s in sft]
-        mean = statistics.fmean(values)
-        low = min(s[f"sft/{name} min"] for s in sft)
-        high = max(s[f"sft/{name} max"] for s in sft)
-        ax.errorbar(
-            [0.0],
-            [mean],
-            yerr=[[mean - low], [high - mean]],
-            fmt="s",
-            color="black",
-            capsize=3,
-            label="SFT policy (start, KL 0)",
-        )
-    xs = [s["ppo/kl mean"] for s in ppo]
-    ys = [s[f"ppo/{name} mean"] for s in ppo]
-    ax.errorbar(
-        xs,
-        ys,
-        xerr=[[x - s["ppo/kl min"] for x, s in zip(xs, ppo)], [s["ppo/kl max"] - x for x, s in zip(xs, ppo)]],
-        yerr=[
-            [y - s[f"ppo/{name} min"] for y, s in zip(ys, ppo)],
-            [s[f"ppo/{name} max"] - y for y, s in zip(ys, ppo)],
-        ],
-        fmt="o",
-        color="tab:blue" if name == "gold_reward" else "tab:orange",
-        capsize=3,
-        label="PPO policy, per setting",
-    )
-    start = [(0.0, mean)] if sft else []
-    line = start + sorted(zip(xs, ys))
-    ax.plot([p[0] for p in line], [p[1] for p in line], "-", color="gray", alpha=0.5, zorder=0)
-    labels: dict[tuple[float, float], list[str]] = {}  # settings that landed on one point share one label
-    for x, y, s in zip(xs, ys, ppo):
-        labels.setdefault((x, y), []).append(setting_label(s, keys))
-    for point, names in labels.items():
-        ax.annotate(", ".join(names), point, textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.margins(x=0.15)  # room for the labels right of the last point
-    ax.legend(fontsize=8)
-
-
 def sync_command(sweep_dir: Path) -> str | None:
     """The one command that uploads every offline W&B run of the sweep and then declares their lineage
     (`rlhf-sync`, rlhf/tracking/wandb_sync.py), or None when the sweep logged no W&B run."""
@@ -353,7 +261,7 @@ def write_report(sweep_dir: Path) -> dict[str, Any]:
         raise ValueError(f"{sweep_dir} is not a directory: pass a Hydra multirun sweep dir (hydra.sweep.dir)")
     jobs = [read_job(sweep_dir, job_dir) for job_dir in find_jobs(sweep_dir)]
     if not jobs:
-        raise ValueError(f"{sweep_dir} holds no job (no sub-dir with {JOB_FILE} or {SUMMARY_FILE})")
+        raise ValueError(f"{sweep_dir} holds no job (no sub-dir with {JOB_RECORD} or {SUMMARY})")
     keys = swept_keys(jobs, sweep_dir)
     add_swept_values(jobs, keys)
     write_csv(sweep_dir / "report.csv", jobs, table_columns(jobs, keys, headline=False))
@@ -363,7 +271,7 @@ def write_report(sweep_dir: Path) -> dict[str, Any]:
     if any(s["n"] > 1 for s in settings):
         text += f"\n## Mean over seeds per setting (min..max)\n\n{settings_table(settings, keys)}\n"
     (sweep_dir / "report.md").write_text(text)
-    png = plot(sweep_dir / "report.png", settings, keys)
+    png = plot(sweep_dir / "report.png", settings, [key for key in keys if key != SEED_KEY])
     return {
         "markdown": text,
         "table": table,
@@ -411,7 +319,7 @@ class SweepReport(Callback):
             report = write_report(sweep_dir)
             print_report(sweep_dir, report)
         except Exception as e:
-            log.warning("sweep report not written: %s: %s", type(e).__name__, one_line(e))
+            log.warning("sweep report not written: %s: %s", type(e).__name__, collapse_whitespace(e))
             return
         if report["failed"]:
             first = report["failed"][0]

@@ -11,8 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf.cli import compose
 from rlhf.models.tiny import prepare_base_model
-from rlhf.run.pipeline import BASE
-from rlhf.stages import reward
+from rlhf.stages import BASE, reward
 from rlhf.stages.base import StageContext, StageResult
 from rlhf.tracking.wandb_run import null_tracker
 from tests.helpers import TINY_MODEL
