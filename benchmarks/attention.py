@@ -1,6 +1,6 @@
 """Which attention a trained forward should use on this CPU: torch's SDPA or `rlhf.models.attention.float32_cpu_sdpa`.
 
-One SmolLM2 PPO policy step (`real_model.make_update_step`: 16 sequences of 64 + 32 tokens, left padding of 0-7
+One SmolLM2 PPO policy step (`update_step.make_update_step`: 16 sequences of 64 + 32 tokens, left padding of 0-7
 tokens, so the attention gets a padding mask as in training), with LoRA (`model=smollm2`'s setting) and full
 fine-tuning, in float32 and under bf16 autocast, each with both attentions, alternated, the median of `--repeats`
 timed steps per configuration. In float32 the two are one code path (the float32 variant only differs under low
@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
-import real_model
-
-ROOT = Path(__file__).resolve().parents[1]
+import measure
+from smollm2_model import default_model, load_policy
+from update_step import make_update_batch, make_update_step
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
+    p.add_argument("--model", type=Path, default=default_model())
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
@@ -44,11 +43,11 @@ def main() -> None:
     print("| tuning | precision | SDPA step s | float32 attention step s | float32 attention speed-up |")
     print("|---|---|---:|---:|---:|")
     for lora in (True, False):
-        model = real_model.load_policy(a.model, lora)
-        data = real_model.make_update_batch(model.config.vocab_size, 16, 64, 32, seed=0)
+        model = load_policy(a.model, lora)
+        data = make_update_batch(model.config.vocab_size, 16, 64, 32, seed=0)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         for bf16 in (False, True):
-            step = real_model.make_update_step(model, data, bf16, "fused")
+            step = make_update_step(model, data, bf16, "fused")
             times: dict[str, list[float]] = {"sdpa": [], FLOAT32_CPU_SDPA: []}
             for impl in times:  # warm-up, once each
                 base.set_attn_implementation(impl)
@@ -56,9 +55,7 @@ def main() -> None:
             for _ in range(a.repeats):
                 for impl, seen in times.items():
                     base.set_attn_implementation(impl)
-                    start = time.perf_counter()
-                    step()
-                    seen.append(time.perf_counter() - start)
+                    seen.append(measure.timed(step)[0].wall_s)
             sdpa, f32 = (statistics.median(times[k]) for k in ("sdpa", FLOAT32_CPU_SDPA))
             print(
                 f"| {'LoRA' if lora else 'full'} | {'bf16 autocast' if bf16 else 'float32'} | {sdpa:.3f} | "

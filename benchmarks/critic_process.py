@@ -12,22 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_MODEL = HERE.parent / "models" / "SmolLM2-135M-Instruct"
+import measure
+import ppo_run
+
+DEFAULT_MODEL = measure.ROOT / "models" / "SmolLM2-135M-Instruct"
 
 
-def run_side(model: Path, updates: int, threads: int, critic_process: bool) -> dict:
+def train_side(model: Path, updates: int, threads: int, critic_process: bool) -> dict:
+    """One side in this process: `updates` timed updates, the critic in-process or in its own."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import envs
-    from rlhf.config import PPOConfig
     from rlhf.ppo.trainer import PPOTrainer
 
     torch.set_num_threads(threads)
@@ -36,17 +37,13 @@ def run_side(model: Path, updates: int, threads: int, critic_process: bool) -> d
     policy, ref = (AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32) for _ in range(2))
     critic = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, dtype=torch.float32)
     critic.config.pad_token_id = tokenizer.pad_token_id
-    cfg = PPOConfig(
+    cfg = ppo_run.ppo_config(
+        16,
+        updates,
         reward_source="env",
-        batch_size=16,
         num_mini_batches=2,
         num_ppo_epochs=1,
         response_length=16,
-        total_episodes=16
-        * (updates + 1),  # one more than timed: the trainer checkpoints after its last update
-        save_every=0,
-        samples_every=0,
-        resume=False,
         critic_process=critic_process,
     )
     with tempfile.TemporaryDirectory() as out:
@@ -59,18 +56,14 @@ def run_side(model: Path, updates: int, threads: int, critic_process: bool) -> d
             ref_policy=ref,
             critic=critic,
         )
-        times, phases = [], []
-        for _ in range(updates):
-            t0 = time.perf_counter()
-            metrics = trainer.train(max_updates=1)
-            times.append(time.perf_counter() - t0)
-            phases.append({k: v for k, v in metrics.items() if k.startswith("time/")})
+        laps = ppo_run.timed_updates(trainer, updates)
         trainer.close()
-    steady = phases[1:]
+    steady = laps[1:]  # the first update is warm-up
+    phases = [ppo_run.phases(lap.value) for lap in steady]
     return {
         "critic_process": critic_process,
-        "s_per_update": sum(times[1:]) / len(times[1:]),
-        "phases_s": {k: sum(p[k] for p in steady) / len(steady) for k in steady[0]},
+        "s_per_update": statistics.mean(lap.wall_s for lap in steady),
+        "phases_s": {k: statistics.mean(p[k] for p in phases) for k in phases[0]},
     }
 
 
@@ -85,17 +78,14 @@ def main() -> None:
     if a.updates < 2:
         p.error("--updates must be >= 2: the first update is warm-up")
     if a.side:
-        print(json.dumps(run_side(a.model, a.updates, a.threads, a.side == "critic-process")))
+        print(json.dumps(train_side(a.model, a.updates, a.threads, a.side == "critic-process")))
         return
     if not a.model.exists():
         sys.exit(f"no model at {a.model}: run `make smollm2` or pass --model DIR")
     rows = []
     for side in ("in-process", "critic-process"):
         cmd = [sys.executable, __file__, "--side", side, "--model", str(a.model), "--updates", str(a.updates)]
-        proc = subprocess.run([*cmd, "--threads", str(a.threads)], capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows.append(measure.run_side([*cmd, "--threads", str(a.threads)]))
     print(
         f"PPO with a critic, {a.model.name}, float32, 16 x 16 tokens, 1 epoch x 2 minibatches, {a.threads} threads\n"
     )
@@ -108,9 +98,7 @@ def main() -> None:
             f"| {name} | {r['s_per_update']:.2f} | {ph['time/rollout']:.2f} | {ph['time/score']:.2f} "
             f"| {ph['time/update']:.2f} |"
         )
-    print(
-        f"\ncommand: {' '.join([Path(sys.executable).name, 'benchmarks/critic_process.py', *sys.argv[1:]])}"
-    )
+    print(f"\ncommand: {measure.command_line('critic_process.py')}")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from collections.abc import Callable
 
 import gymnasium
+import measure
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 import envs
@@ -42,9 +42,9 @@ def steps_per_second(env: gymnasium.Env, seconds: float, seed_every_episode: boo
     steps = episodes = 0
     env.reset(seed=0)
     env.action_space.seed(0)
-    start = time.perf_counter()
-    elapsed = 0.0
-    while elapsed < seconds:
+
+    def play_200_episodes() -> None:
+        nonlocal steps, episodes
         for _ in range(200):
             env.reset(seed=episodes if seed_every_episode else None)
             done = False
@@ -53,7 +53,8 @@ def steps_per_second(env: gymnasium.Env, seconds: float, seed_every_episode: boo
                 steps += 1
                 done = terminated or truncated
             episodes += 1
-        elapsed = time.perf_counter() - start
+
+    elapsed = sum(lap.wall_s for lap in measure.timed(play_200_episodes, seconds=seconds))
     return steps / elapsed, episodes / elapsed
 
 
@@ -65,14 +66,14 @@ def vector_steps_per_second(env_id: str, num_envs: int, seconds: float) -> float
     act = policy_for(vec.envs[0])
     vec.reset(seed=0)
     vec.action_space.seed(0)
-    steps = 0
-    start = time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
+
+    def twenty_steps() -> None:
         for _ in range(20):
             vec.step(tuple(act(e) for e in vec.envs))
-            steps += num_envs
+
+    laps = measure.timed(twenty_steps, seconds=seconds)
     vec.close()
-    return steps / elapsed
+    return 20 * num_envs * len(laps) / sum(lap.wall_s for lap in laps)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ prompts in the same order: 8 prompts x 4 completions = 32 per update, <= 16 comp
 temperature 1 (top-k 0, top-p 1, KV cache, no vLLM), one optimizer step per update (ours: 1 epoch x 1 minibatch;
 TRL: num_iterations=1), KL to the reference as 0.04 * k3 in the loss, the environment's reward (ours:
 reward_source=env; TRL: a reward function that resets a fresh env with the prompt's seed and steps it), float32,
-no checkpoints, no evaluation; benchmarks/common.py lists every shared setting. Each run is its own process
+no checkpoints, no evaluation; benchmarks/group_setup.py lists every shared setting. Each run is its own process
 (`torch.set_num_threads(t)` for each t of --threads), the sides alternate, and the first --warmup updates are left
 out: completions/s is the steady state, 32 / (wall seconds per update) from the end of the last warm-up update to
 the end of the last update (ours: `train(max_updates=1)` calls; TRL: a TrainerCallback's on_step_end). The table
@@ -25,88 +25,82 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import group_setup
+import measure
+import ppo_run
 
 SIDES = {"ours": "ours (PPOTrainer, advantage=grpo)", "trl": "trl 1.16 GRPOTrainer"}
 
 
-def run_ours(model_dir: Path, setup: common.GroupSetup, updates: int, warmup: int, threads: int) -> dict:
+def run_ours(model_dir: Path, setup: group_setup.GroupSetup, updates: int, warmup: int, threads: int) -> dict:
     """Our trainer, one timed `train(max_updates=1)` per update."""
-    common.set_threads(threads, setup.seed)
+    group_setup.set_threads(threads, setup.seed)
     # one update more than run: the trainer saves after its last update, TRL (save_strategy="no") does not
-    cfg = common.ours_config(setup, total_episodes=(updates + 1) * setup.batch_size)
+    cfg = group_setup.ours_config(setup, total_episodes=(updates + 1) * setup.batch_size)
     with tempfile.TemporaryDirectory(prefix="grpo_ours_") as out:
-        trainer = common.build_ours(model_dir, setup, cfg, Path(out))
-        ends, cpu_ends, rows = [time.perf_counter()], [time.process_time()], []
-        for _ in range(updates):
-            rows.append(trainer.train(max_updates=1))
-            ends.append(time.perf_counter())
-            cpu_ends.append(time.process_time())
-    steady = rows[warmup:]
-    phases = {k: statistics.mean(r[k] for r in steady) for k in steady[0] if k.startswith("time/")}
+        trainer = group_setup.build_ours(model_dir, setup, cfg, Path(out))
+        laps = ppo_run.timed_updates(trainer, updates)
+    steady = laps[warmup:]
+    phases = {k: statistics.mean(lap.value[k] for lap in steady) for k in ppo_run.phases(steady[0].value)}
     return _result(
         "ours",
         setup,
-        ends[1:],
-        cpu_ends[1:],
+        updates,
         warmup,
-        completion_tokens=statistics.mean(r["rollout/response_length"] for r in steady),
+        s_per_update=statistics.mean(lap.wall_s for lap in steady),
+        cpu_s_per_update=statistics.mean(lap.cpu_s for lap in steady),
+        completion_tokens=statistics.mean(lap.value["rollout/response_length"] for lap in steady),
         in_step_s=sum(phases.values()),
         phases_s=phases,
     )
 
 
-def run_trl(model_dir: Path, setup: common.GroupSetup, updates: int, warmup: int, threads: int) -> dict:
+def run_trl(model_dir: Path, setup: group_setup.GroupSetup, updates: int, warmup: int, threads: int) -> dict:
     """TRL's GRPOTrainer; update boundaries from a TrainerCallback (on_step_begin / on_step_end)."""
-    common.set_threads(threads, setup.seed)
+    group_setup.set_threads(threads, setup.seed)
+    clock = measure.Stopwatch()
     begins, ends, cpu_ends, logs = [], [], [], []
-    clock = common.trl_callback(
-        on_step_begin=lambda state, control: begins.append(time.perf_counter()),
-        on_step_end=lambda state, control: (
-            ends.append(time.perf_counter()),
-            cpu_ends.append(time.process_time()),
-        ),
+    callback = group_setup.trl_callback(
+        on_step_begin=lambda state, control: begins.append(clock.wall_s),
+        on_step_end=lambda state, control: (ends.append(clock.wall_s), cpu_ends.append(clock.cpu_s)),
         on_log=lambda state, control, log: logs.append(log),
     )
     with tempfile.TemporaryDirectory(prefix="grpo_trl_") as out:
-        args = common.trl_config(setup, Path(out), max_steps=updates)
-        common.build_trl(model_dir, setup, args, [clock]).train()
+        args = group_setup.trl_config(setup, Path(out), max_steps=updates)
+        group_setup.build_trl(model_dir, setup, args, [callback]).train()
+    # steady state: from the end of the last warm-up update to the end of the last update
+    n = len(ends) - warmup
     steady_in_step = [e - b for b, e in zip(begins[warmup:], ends[warmup:])]
     lengths = [log["completions/mean_length"] for log in logs if "completions/mean_length" in log]
     return _result(
         "trl",
         setup,
-        ends,
-        cpu_ends,
+        len(ends),
         warmup,
+        s_per_update=(ends[-1] - ends[warmup - 1]) / n,
+        cpu_s_per_update=(cpu_ends[-1] - cpu_ends[warmup - 1]) / n,
         completion_tokens=statistics.mean(lengths[warmup:]),
         in_step_s=statistics.mean(steady_in_step),
         phases_s={},
     )
 
 
-def _result(side, setup, ends, cpu_ends, warmup, **extra) -> dict:
-    """Steady state from the end of the last warm-up update to the end of the last update."""
+def _result(side: str, setup: group_setup.GroupSetup, updates: int, warmup: int, **measured) -> dict:
+    """One side's row: `measured` (s_per_update and cpu_s_per_update over the updates after the warm-up, ...)."""
     import torch
 
-    n = len(ends) - warmup
-    s_per_update = (ends[-1] - ends[warmup - 1]) / n
     return {
         "side": side,
-        "updates": len(ends),
+        "updates": updates,
         "warmup": warmup,
         "completions_per_update": setup.batch_size,
-        "completions_per_s": setup.batch_size / s_per_update,
-        "s_per_update": s_per_update,
-        "cpu_s_per_update": (cpu_ends[-1] - cpu_ends[warmup - 1]) / n,
-        "peak_rss_mb": common.peak_rss_mb(),
+        "completions_per_s": setup.batch_size / measured["s_per_update"],
+        "peak_rss_mb": measure.peak_rss_mib(),
         "threads": torch.get_num_threads(),
-        **extra,
-        "versions": common.versions(),
+        **measured,
+        "versions": group_setup.versions(),
     }
 
 
@@ -153,7 +147,7 @@ def main() -> None:
     a = p.parse_args()
     if a.warmup < 1 or a.updates <= a.warmup:
         p.error("need --warmup >= 1 and --updates > --warmup (the warm-up updates are not timed)")
-    setup = common.GroupSetup(env_id=a.env, updates=a.updates, seed=a.seed)
+    setup = group_setup.GroupSetup(env_id=a.env, updates=a.updates, seed=a.seed)
     if a.side:
         run = run_ours if a.side == "ours" else run_trl
         print(json.dumps(run(a.model, setup, a.updates, a.warmup, a.threads[0])))
@@ -161,14 +155,14 @@ def main() -> None:
 
     results: dict[tuple[str, int], list[dict]] = {(s, t): [] for s in SIDES for t in a.threads}
     with tempfile.TemporaryDirectory(prefix="grpo_vs_trl_") as tmp:
-        model_dir = a.model or common.save_fresh_model(Path(tmp) / "start", a.env, a.seed)
+        model_dir = a.model or group_setup.save_fresh_model(Path(tmp) / "start", a.env, a.seed)
         for _ in range(a.repeats):
             for threads in a.threads:
                 for side in SIDES:
                     cmd = [sys.executable, __file__, "--side", side, "--model", str(model_dir)]
                     cmd += ["--threads", str(threads), "--updates", str(a.updates), "--warmup", str(a.warmup)]
                     cmd += ["--env", a.env, "--seed", str(a.seed)]
-                    results[(side, threads)].append(common.run_side(cmd, f"{side}, {threads} thread(s)"))
+                    results[(side, threads)].append(measure.run_side(cmd, f"{side}, {threads} thread(s)"))
     text, best = table(results)
     ratio = best["ours"]["completions_per_s"] / best["trl"]["completions_per_s"]
     if a.json:
@@ -187,7 +181,7 @@ def main() -> None:
     )
     phases = results[("ours", o["threads"])][-1]["phases_s"]
     print("ours, one update (last run): " + ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
-    print(f"\ncommand: {common.command_line('grpo_vs_trl.py')}")
+    print(f"\ncommand: {measure.command_line('grpo_vs_trl.py')}")
 
 
 if __name__ == "__main__":

@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RLHF = [sys.executable, "-m", "rlhf"]
+import measure
 
 CASES = {
     # name: (overrides, check(metrics, seconds) -> (ok, target text))
@@ -43,19 +39,21 @@ CASES = {
 def run_case(name: str, seed: int, out: Path, logger: str) -> dict:
     overrides, check = CASES[name]
     run_dir = out / f"{name}-seed{seed}"
-    cmd = [*RLHF, f"hydra.run.dir={run_dir}", *overrides]
+    args = [f"hydra.run.dir={run_dir}", *overrides]
     if seed != 0:
-        cmd.append(f"seed={seed}")
+        args.append(f"seed={seed}")
     if logger != "wandb":
-        cmd.append(f"logger={logger}")
-    shown = "rlhf " + " ".join(shlex.quote(a) for a in cmd[len(RLHF) :])
-    print(f"running: {shown}", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    (out / f"{name}-seed{seed}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        return {"name": name, "seed": seed, "command": shown, "seconds": seconds, "error": proc.stderr[-500:]}
+        args.append(f"logger={logger}")
+    run = measure.run_rlhf(args, log=out / f"{name}-seed{seed}.log")
+    shown, seconds = run.command, run.seconds
+    if run.proc.returncode != 0:
+        return {
+            "name": name,
+            "seed": seed,
+            "command": shown,
+            "seconds": seconds,
+            "error": run.proc.stderr[-500:],
+        }
     stages = json.loads((run_dir / "summary.json").read_text())["stages"]
     metrics = stages["evaluate"]["metrics"]
     ok, target = check(metrics, seconds)

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-PEER_PYTHON = HERE / ".venv-trl112" / "bin" / "python"
+import measure
+import ppo_run
+
+PEER_PYTHON = measure.HERE / ".venv-trl112" / "bin" / "python"
 ENV_ID = "rlhf/Review-v0"
 RESPONSE_LENGTH = 16
 
@@ -64,31 +62,23 @@ def run_ours(
     """Our PPOTrainer on the shared inputs in `workdir`, one `train(max_updates=1)` per timed update (with
     `critic_process`, ppo.critic_process: `threads` split between this process and the critic's)."""
     import torch
-    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     import envs
-    from rlhf.config import PPOConfig
     from rlhf.models.tokenizer import build_tokenizer
     from rlhf.ppo.trainer import PPOTrainer
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(json.loads((workdir / "vocab.json").read_text()))
-    config = LlamaConfig.from_json_file(workdir / "config.json")
-    policy, ref = LlamaForCausalLM(config), LlamaForCausalLM(config)
-    config.num_labels = 1
-    critic, reward = (AutoModelForSequenceClassification.from_config(config) for _ in range(2))
-    cfg = PPOConfig(
+    policy, ref, critic, reward = ppo_run.tiny_models(LlamaConfig.from_json_file(workdir / "config.json"))
+    cfg = ppo_run.ppo_config(
+        batch_size,
+        updates,
         reward_source="model",
-        batch_size=batch_size,
         response_length=RESPONSE_LENGTH,
         num_ppo_epochs=4,
         num_mini_batches=mini_batches,
-        # one update more than timed: the trainer checkpoints after its last update, TRL's run (save "no") does not
-        total_episodes=(updates + 1) * batch_size,
-        save_every=0,
-        samples_every=0,
-        resume=False,
         critic_process=critic_process,
     )
     trainer = PPOTrainer(
@@ -102,39 +92,23 @@ def run_ours(
         critic=critic,
         seed=seed,
     )
-    times, cpu_times, phases = [], [], []
-    for _ in range(updates):
-        t0, c0 = time.perf_counter(), time.process_time()
-        metrics = trainer.train(max_updates=1)
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-        phases.append({k: v for k, v in metrics.items() if k.startswith("time/")})
+    laps = ppo_run.timed_updates(trainer, updates)
     trainer.close()
-    steady, steady_cpu, phases = times[1:], cpu_times[1:], phases[1:]  # the first update is warm-up
-    s_per_update = sum(steady) / len(steady)
+    steady = laps[1:]  # the first update is warm-up
+    phases = [ppo_run.phases(lap.value) for lap in steady]
+    s_per_update = statistics.mean(lap.wall_s for lap in steady)
     return {
         "side": "ours (rlhf.ppo.trainer.PPOTrainer)",
-        "updates": len(times),
+        "updates": len(laps),
         "batch_size": batch_size,
         "episodes_per_s": batch_size / s_per_update,
         "s_per_update": s_per_update,
-        "cpu_s_per_update": sum(steady_cpu) / len(steady_cpu),
-        "total_s": sum(times),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cpu_s_per_update": statistics.mean(lap.cpu_s for lap in steady),
+        "total_s": sum(lap.wall_s for lap in laps),
+        "peak_rss_mb": measure.peak_rss_mib(),
         "threads": threads,  # with the critic process: the two processes' threads together
-        "phases_s": {k: sum(p[k] for p in phases) / len(phases) for k in phases[0]},  # rollout, score, update
+        "phases_s": {k: statistics.mean(p[k] for p in phases) for k in phases[0]},  # rollout, score, update
     }
-
-
-def run_side(cmd: list[str]) -> dict:
-    """Run one side in its own process; its result is the last line of its stdout (plus the 1-min load before)."""
-    load_before = os.getloadavg()[0]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    )
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "load_before": load_before}
 
 
 def table(results: dict[str, list[dict]]) -> str:
@@ -198,19 +172,20 @@ def main() -> None:
         paths = write_inputs(Path(tmp), num_prompts=a.batch_size * a.updates)
         shape = ["--updates", str(a.updates), "--seed", str(a.seed), "--batch-size", str(a.batch_size)]
         shape += ["--mini-batches", str(a.mini_batches)]
-        peer_cmd = [str(PEER_PYTHON), str(HERE / "trl112_ppo.py"), "--vocab", paths["vocab.json"]]
+        peer_cmd = [str(PEER_PYTHON), str(measure.HERE / "trl112_ppo.py"), "--vocab", paths["vocab.json"]]
         peer_cmd += ["--model-config", paths["config.json"], "--prompts", paths["prompts.jsonl"], *shape]
         ours_cmd = [sys.executable, __file__, "--ours", tmp, *shape]
         for _ in range(a.repeats):
             for threads in a.threads:
                 t = ["--threads", str(threads)]
-                results.setdefault(f"ours, {threads} thr", []).append(run_side(ours_cmd + t))
-                results.setdefault(f"trl 1.12.0 PPOTrainer, {threads} thr", []).append(run_side(peer_cmd + t))
-                if (
-                    threads >= 2
-                ):  # ppo.critic_process: the threads split, one process each for policy and critic
+                results.setdefault(f"ours, {threads} thr", []).append(measure.run_side(ours_cmd + t))
+                results.setdefault(f"trl 1.12.0 PPOTrainer, {threads} thr", []).append(
+                    measure.run_side(peer_cmd + t)
+                )
+                # ppo.critic_process: the threads split, one process each for policy and critic
+                if threads >= 2:
                     row = f"ours, ppo.critic_process, {threads} thr"
-                    results.setdefault(row, []).append(run_side(ours_cmd + t + ["--critic-process"]))
+                    results.setdefault(row, []).append(measure.run_side(ours_cmd + t + ["--critic-process"]))
 
     print(
         f"PPO throughput on {ENV_ID}: batch {a.batch_size}, {RESPONSE_LENGTH} response tokens, "
@@ -225,8 +200,7 @@ def main() -> None:
     )
     phases = results[ours_key][-1]["phases_s"]
     print("ours, one update (last run): " + ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
-    command = [os.path.relpath(sys.executable), "benchmarks/ppo_vs_trl.py", *sys.argv[1:]]
-    print(f"\ncommand: {' '.join(command)}")
+    print(f"\ncommand: {measure.command_line('ppo_vs_trl.py')}")
     if a.json:
         summary = {"ratio": ours / trl, "ours": ours, "trl": trl, "ours_best": ours_key, "trl_best": trl_key}
         Path(a.json).write_text(

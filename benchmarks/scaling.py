@@ -8,8 +8,7 @@
 Our `PPOTrainer` (GAE, reward model score) on the tiny setup of benchmarks/ppo_vs_trl.py: the project's tiny Llama
 (`rlhf.models.config.ModelConfig` defaults, fresh weights) for policy, reference, critic and reward model, the word-level
 tokenizer of `rlhf/Review-v0`, float32, `torch.set_num_threads(--threads)`. Every configuration runs in its own
-subprocess, so its peak RSS is its own (VmHWM, `real_model.peak_rss_mib`: a child's `ru_maxrss` would include the
-parent's RSS at the spawn).
+subprocess, so its peak RSS is its own (`measure.peak_rss_mib`).
 
 - time: s/update (median of the updates after the first, a warm-up) and its phases (`time/rollout`, `time/score`,
   `time/update`) at 1x, 2x, 4x `--batch` (response length fixed) and 1x, 2x, 4x `--response-length` (batch fixed),
@@ -28,32 +27,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-if (
-    str(ROOT) not in sys.path
-):  # `python benchmarks/x.py` puts benchmarks/ first on the path, not the repository
-    sys.path.insert(0, str(ROOT))
-
-import common  # noqa: E402  (benchmarks/ is on the path when run as a script)
-from real_model import peak_rss_mib  # noqa: E402
+import measure
+import ppo_run
 
 ENV_ID = "rlhf/Review-v0"
 SCALES = (1, 2, 4)
 
 
 def has_micro_batch_size() -> bool:
-    from rlhf.config import PPOConfig
+    from rlhf.ppo.config import PPOConfig
 
     return any(f.name == "micro_batch_size" for f in fields(PPOConfig))
 
@@ -64,11 +53,9 @@ def has_micro_batch_size() -> bool:
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     """One PPO run on the tiny setup in this process: s/update, phases, peak RSS."""
     import torch
-    from transformers import AutoModelForSequenceClassification, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     import envs
-    from rlhf.config import PPOConfig
     from rlhf.models.config import ModelConfig
     from rlhf.models.tiny import build_tiny_model
     from rlhf.models.tokenizer import build_tokenizer
@@ -78,26 +65,19 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     tokenizer = build_tokenizer(envs.env_class(ENV_ID).vocabulary())
-    config = build_tiny_model(ModelConfig(), tokenizer).config
-    policy, ref = LlamaForCausalLM(config), LlamaForCausalLM(config)
-    config.num_labels = 1
-    critic, reward = (AutoModelForSequenceClassification.from_config(config) for _ in range(2))
-    rss_models = peak_rss_mib()
+    policy, ref, critic, reward = ppo_run.tiny_models(build_tiny_model(ModelConfig(), tokenizer).config)
+    rss_models = measure.peak_rss_mib()
     extra = {"micro_batch_size": spec["micro_batch_size"]} if spec.get("micro_batch_size") else {}
-    cfg = PPOConfig(
+    cfg = ppo_run.ppo_config(
+        spec["batch_size"],
+        spec["updates"],
         reward_source="model",
         advantage="gae",
-        batch_size=spec["batch_size"],
         response_length=spec["response_length"],
         num_ppo_epochs=spec["epochs"],
         num_mini_batches=spec["mini_batches"],
-        # one update more than run: the trainer checkpoints after its last update
-        total_episodes=(spec["updates"] + 1) * spec["batch_size"],
         forward_batch_size=spec.get("forward_batch_size", 64),
-        save_every=0,
-        samples_every=0,
         console_every=0,
-        resume=False,
         **extra,
     )
     with tempfile.TemporaryDirectory(prefix="scaling_") as tmp:
@@ -112,38 +92,27 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
             critic=critic,
             seed=spec["seed"],
         )
-        times, phases, tokens = [], [], []
-        for _ in range(spec["updates"]):
-            t = time.perf_counter()
-            metrics = trainer.train(max_updates=1)
-            times.append(time.perf_counter() - t)
-            phases.append({k: v for k, v in metrics.items() if k.startswith("time/")})
-            tokens.append(metrics["rollout/response_length"])
-    steady = times[1:] or times  # the first update is warm-up
-    steady_phases = phases[1:] or phases
+        laps = ppo_run.timed_updates(trainer, spec["updates"])
+    steady = laps[1:] or laps  # the first update is warm-up
+    steady_phases = [ppo_run.phases(lap.value) for lap in steady]
     return {
         **spec,
-        "s_per_update": statistics.median(steady),
+        "s_per_update": statistics.median(lap.wall_s for lap in steady),
         "phases_s": {k: statistics.median(p[k] for p in steady_phases) for k in steady_phases[0]},
-        "response_tokens": statistics.mean(tokens),
+        "response_tokens": statistics.mean(lap.value["rollout/response_length"] for lap in laps),
         "rss_models_mib": rss_models,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": measure.peak_rss_mib(),
     }
 
 
 def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     """`run_child(spec)` in a fresh process (its own peak RSS), with the 1-min load average before it."""
-    load = os.getloadavg()[0]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
     cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {spec}\n{proc.stderr[-3000:]}")
-    row = {**json.loads(proc.stdout.strip().splitlines()[-1]), "load": load}
+    row = measure.run_side(cmd, env={"WANDB_MODE": "disabled"}, cwd=measure.ROOT)
     print(
         f"  {spec['series']}: batch {spec['batch_size']}, response {spec['response_length']}, micro "
         f"{spec.get('micro_batch_size')}: {row['s_per_update']:.3f} s/update, peak {row['peak_rss_mib']:.0f} MiB "
-        f"(load {load:.1f})",
+        f"(load {row['load_before']:.1f})",
         file=sys.stderr,
         flush=True,
     )
@@ -215,7 +184,7 @@ def print_tables(results: dict[str, list[dict[str, Any]]], args) -> dict[str, fl
                 print(
                     f"| {series} {r['scale']}x | {r['batch_size']} | {r['response_length']} | "
                     f"{r['s_per_update']:.3f} | {r['s_per_update'] / first:.2f} | {ph['time/rollout']:.3f} | "
-                    f"{ph['time/score']:.3f} | {ph['time/update']:.3f} | {r['load']:.1f} |"
+                    f"{ph['time/score']:.3f} | {ph['time/update']:.3f} | {r['load_before']:.1f} |"
                 )
                 key[f"time/{series}_{r['scale']}x/s_per_update"] = r["s_per_update"]
     if "memory" in results:
@@ -235,7 +204,7 @@ def print_tables(results: dict[str, list[dict[str, Any]]], args) -> dict[str, fl
                 print(
                     f"| {micro or 'none (whole minibatch)'} | {r['batch_size']} | {r['response_length']} | "
                     f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - first:+.0f} | {r['s_per_update']:.2f} | "
-                    f"{r['load']:.1f} |"
+                    f"{r['load_before']:.1f} |"
                 )
                 key[f"memory/micro_{micro or 'none'}/batch_{r['batch_size']}/peak_rss_mib"] = r[
                     "peak_rss_mib"
@@ -244,7 +213,7 @@ def print_tables(results: dict[str, list[dict[str, Any]]], args) -> dict[str, fl
             print(
                 "\nTODO: PPOConfig has no micro_batch_size yet; only the rows without micro-batching were measured."
             )
-    print(f"\ncommand: {common.command_line('scaling.py')}")
+    print(f"\ncommand: {measure.command_line('scaling.py')}")
     return key
 
 
@@ -280,7 +249,7 @@ def main() -> None:
         results["memory"] = memory_rows(args)
     key = print_tables(results, args)
     if args.json:
-        common.write_results(args.json, "scaling.py", key, results)
+        measure.write_results(args.json, "scaling.py", key, results)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ Stage seconds are the pipeline's own (`summary.json`: load, data, train, evals, 
 same span of its script. "in-process" is everything after the imports both sides share (torch, transformers,
 datasets, trl): Hydra compose, input checks, base model, W&B runs and artifacts. "process" is the subprocess's
 wall time with interpreter start, imports and exit, i.e. roughly what `rlhf stages=[sft,reward]` takes.
-Peak RSS is the side's own process (`ru_maxrss`); "(+N)" is the sampled peak of its subprocesses (wandb-core).
+Peak RSS is the side's own process (`measure.peak_rss_mib`); "(+N)" is the sampled peak of its subprocesses
+(wandb-core, `measure.sample_descendants_rss`).
 Reward accuracy is per held-out pair (chosen scored above rejected), computed the same way on every side.
 """
 
@@ -28,62 +29,21 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-START = time.perf_counter()
+import measure
+
+START = measure.Stopwatch()
 SIDES = {
     "trl": "bare TRL (SFTTrainer -> RewardTrainer)",
     "ours": "ours, logger=wandb (offline)",
     "ours-nolog": "ours, logger=none",
 }
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set size in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def sample_subprocess_rss(interval: float = 0.2) -> list[float]:
-    """Start a daemon thread sampling the summed RSS (MiB) of this process's descendants, e.g. wandb-core.
-
-    Returns a one-item list holding the peak so far. `ru_maxrss` of RUSAGE_CHILDREN would count a fork of this
-    process before its exec (wandb runs git) as a full copy; such not-yet-exec'd copies are skipped here.
-    """
-    peak = [0.0]
-    me, page = os.readlink("/proc/self/exe"), os.sysconf("SC_PAGE_SIZE")
-
-    def descendants(pid: int) -> list[int]:
-        found = []
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                for kid in map(int, f.read().split()):
-                    found += [kid, *descendants(kid)]
-        return found
-
-    def loop() -> None:
-        while True:
-            total = 0
-            try:
-                for pid in descendants(os.getpid()):
-                    if os.readlink(f"/proc/{pid}/exe") != me:
-                        with open(f"/proc/{pid}/statm") as f:
-                            total += int(f.read().split()[1]) * page
-            except OSError:  # a process ended mid-walk: skip this sample
-                total = 0
-            peak[0] = max(peak[0], total / 2**20)
-            time.sleep(interval)
-
-    threading.Thread(target=loop, daemon=True).start()
-    return peak
 
 
 # ---------------------------------------------------------------------------------------------- the bare peer
@@ -162,12 +122,12 @@ def bare_trl(hp: dict[str, Any], out: Path) -> dict[str, Any]:
         parts = ds.train_test_split(test_size=round(len(ds) * hp["eval_fraction"]), seed=seed, shuffle=True)
         return parts["train"], parts["test"]
 
-    start = time.perf_counter()
+    whole = measure.Stopwatch()
     set_seed(hp["seeds"]["base"])
     tokenizer = build_tokenizer(task.vocabulary())
     model = LlamaForCausalLM(LlamaConfig.from_pretrained(hp["llama_config"]))
 
-    t_sft = time.perf_counter()
+    sft_clock = measure.Stopwatch()
     seed = hp["seeds"]["sft"]
     set_seed(seed)
     train, evals = splits(task.demonstrations(hp["num_demonstrations"], seed), seed)
@@ -179,9 +139,9 @@ def bare_trl(hp: dict[str, Any], out: Path) -> dict[str, Any]:
     trainer.train()
     sft_eval_loss = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e][-1]
     trainer.save_model(out / "sft")
-    sft_seconds = time.perf_counter() - t_sft
+    sft_seconds = sft_clock.wall_s
 
-    t_reward = time.perf_counter()
+    reward_clock = measure.Stopwatch()
     seed = hp["seeds"]["reward"]
     set_seed(seed)
     train, evals = splits(task.preferences(hp["num_preferences"], seed), seed)
@@ -193,8 +153,8 @@ def bare_trl(hp: dict[str, Any], out: Path) -> dict[str, Any]:
     trainer.train()
     trl_accuracy = [e["eval_accuracy"] for e in trainer.state.log_history if "eval_accuracy" in e][-1]
     trainer.save_model(out / "reward")
-    reward_seconds = time.perf_counter() - t_reward
-    total = time.perf_counter() - start
+    reward_seconds = reward_clock.wall_s
+    total = whole.wall_s
 
     # measurement only (not timed): per-pair accuracy, as ours reports it (TRL's logs average per-batch means)
     collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
@@ -232,17 +192,17 @@ def ours(overrides: list[str], out: Path) -> dict[str, Any]:
     from rlhf.cli import compose
     from rlhf.run.pipeline import run
 
-    start = time.perf_counter()
+    clock = measure.Stopwatch()
     cfg = compose(["stages=[sft,reward]", *overrides])
-    composed = time.perf_counter()
+    composed = clock.wall_s
     summary = run(cfg, run_dir=out, group="bench-sft-reward")
-    total = time.perf_counter() - start
+    total = clock.wall_s
     stages = summary["stages"]
     return {
         "sft": stages["sft"]["seconds"],
         "reward": stages["reward"]["seconds"],
         "in_process": total,
-        "compose": composed - start,
+        "compose": composed,
         "sft_eval_loss": stages["sft"]["metrics"].get("eval/loss"),
         "accuracy": stages["reward"]["metrics"].get("eval/accuracy"),
         "metrics": {name: entry["metrics"] for name, entry in stages.items()},
@@ -256,41 +216,32 @@ def child(side: str, overrides: list[str], run_dir: Path, settings: Path | None)
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    subprocess_peak = sample_subprocess_rss()
+    subprocess_peak = measure.sample_descendants_rss()
     # the heavy imports both sides share, outside the in-process time (ours imports them lazily, mid-run)
     import datasets  # noqa: F401
     import torch  # noqa: F401
     from transformers import AutoModelForSequenceClassification, LlamaForCausalLM  # noqa: F401
     from trl import RewardTrainer, SFTTrainer  # noqa: F401
 
-    imports = time.perf_counter() - START
+    imports = START.wall_s
     if side == "trl":
         result = bare_trl(json.loads(settings.read_text()), run_dir / "trl")
     else:
         extra = ["logger=none"] if side == "ours-nolog" else []
         result = ours([*overrides, *extra], run_dir / side)
     result["imports"] = imports
-    result["rss_mib"], result["rss_subprocess_mib"] = peak_rss_mib(), subprocess_peak[0]
+    result["rss_mib"], result["rss_subprocess_mib"] = measure.peak_rss_mib(), subprocess_peak[0]
     (run_dir / f"{side}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
 
 
-def run_side(side: str, overrides: list[str], run_dir: Path, settings: Path) -> dict[str, Any]:
+def launch(side: str, overrides: list[str], run_dir: Path, settings: Path) -> dict[str, Any]:
     """One side in a fresh subprocess (output in `run_dir/<side>.log`); its numbers plus its wall time."""
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / f"{side}.log"
     print(f"running {side} ... (log: {log})", flush=True)
     cmd = [sys.executable, __file__, "--child", side, "--run-dir", str(run_dir), "--settings", str(settings)]
-    start = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.run(
-            [*cmd, *overrides],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-        )
-    if proc.returncode:
-        raise SystemExit(f"{side} failed (exit {proc.returncode}); see {log}")
-    return {**json.loads((run_dir / f"{side}.json").read_text()), "process": time.perf_counter() - start}
+    return measure.run_side([*cmd, *overrides], log=log)
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -322,7 +273,7 @@ def print_report(
     )
     print(
         f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"torch threads {threads}, load average now {os.getloadavg()[0]:.2f})"
+        f"torch threads {threads}, load average now {measure.load_1min():.2f})"
     )
     print()
     print(
@@ -335,7 +286,7 @@ def print_report(
         )
         print(
             f"| {SIDES[side]} | {fmt(r['sft'])} | {fmt(r['reward'])} | {fmt(r['sft'] + r['reward'])} "
-            f"| {fmt(r['in_process'])} | {fmt(r['process'])} | {rss} | {fmt(r['sft_eval_loss'], '.3f')} "
+            f"| {fmt(r['in_process'])} | {fmt(r['process_s'])} | {rss} | {fmt(r['sft_eval_loss'], '.3f')} "
             f"| {fmt(r['accuracy'], '.3f')} |"
         )
     base = results.get("trl")
@@ -346,7 +297,7 @@ def print_report(
         print(
             f"| overhead of {SIDES[side]} over bare TRL | {change(r['sft'], base['sft'])} "
             f"| {change(r['reward'], base['reward'])} | {both} | {change(r['in_process'], base['in_process'])} "
-            f"| {change(r['process'], base['process'])} | {r['rss_mib'] - base['rss_mib']:+.0f} | | |"
+            f"| {change(r['process_s'], base['process_s'])} | {r['rss_mib'] - base['rss_mib']:+.0f} | | |"
         )
     print()
     print(
@@ -403,7 +354,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for i in range(args.repeats):  # interleaved, so that a busy spell on a shared machine hits every side
         for side in sides:
-            runs[side].append(run_side(side, args.overrides, run_dir / f"run{i}", settings))
+            runs[side].append(launch(side, args.overrides, run_dir / f"run{i}", settings))
     print_report({side: median_of(r) for side, r in runs.items()}, args.overrides, args.repeats, run_dir)
     print("\n`" + " ".join([".venv/bin/python benchmarks/sft_reward.py", *sys.argv[1:]]) + "`")
 

@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import shlex
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RLHF = [sys.executable, "-m", "rlhf"]
+import measure
+from measure import ROOT
+
 FRESH_SEEDS = range(10_000, 10_128)
 """Episode seeds of the independent re-evaluation: PPO trains on [0, 2**31) from its own seed, evaluation uses
 2**31 + i; these are fixed and small, and were never used as prompts of a benchmarked run."""
@@ -31,16 +27,13 @@ FRESH_SEEDS = range(10_000, 10_128)
 
 def run_chain(seed: int, out: Path, extra: list[str]) -> dict:
     run_dir = out / f"seed{seed}"
-    cmd = [*RLHF, "model=smollm2", f"seed={seed}", f"hydra.run.dir={run_dir}", *extra]
-    shown = "rlhf " + " ".join(shlex.quote(a) for a in cmd[len(RLHF) :])
-    print(f"running: {shown}", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    (out / f"seed{seed}.log").write_text(proc.stdout + proc.stderr)
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    if proc.returncode != 0:
-        return {"seed": seed, "command": shown, "seconds": seconds, "error": proc.stderr[-800:]}
+    run = measure.run_rlhf(
+        ["model=smollm2", f"seed={seed}", f"hydra.run.dir={run_dir}", *extra], out / f"seed{seed}.log"
+    )
+    shown, seconds = run.command, run.seconds
+    peak_mib = measure.children_peak_rss_mib()
+    if run.proc.returncode != 0:
+        return {"seed": seed, "command": shown, "seconds": seconds, "error": run.proc.stderr[-800:]}
     stages = json.loads((run_dir / "summary.json").read_text())["stages"]
     return {
         "seed": seed,
@@ -110,36 +103,44 @@ def reevaluate(
 
 def precision(seconds: float = 20.0) -> list[dict]:
     """SmolLM2 with LoRA: a PPO-sized forward + backward + AdamW step and a generation, fp32 vs bf16 autocast."""
+    return [precision_row(dtype, seconds) for dtype in ("float32", "bfloat16")]
+
+
+def precision_row(dtype: str, seconds: float) -> dict:
+    """Mean train step seconds over at least `seconds` (2 steps at least) and generation tokens/s of one
+    generate call, with LoRA r=8, in float32 or under bf16 autocast."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    path = ROOT / "models" / "SmolLM2-135M-Instruct"
-    rows = []
-    for dtype in ("float32", "bfloat16"):
-        model = AutoModelForCausalLM.from_pretrained(path)
-        model = get_peft_model(
-            model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-        )
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        ids = torch.randint(100, 40_000, (8, 64))
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-        steps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds or steps < 2:
-            with autocast:
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            steps += 1
-        step_s = (time.perf_counter() - start) / steps
-        prompt = torch.randint(100, 40_000, (16, 48))
-        with torch.no_grad(), autocast:
-            start = time.perf_counter()
-            model.generate(input_ids=prompt, max_new_tokens=32, min_new_tokens=32, do_sample=True, top_k=0)
-            gen_s = time.perf_counter() - start
-        rows.append({"dtype": dtype, "train_step_s": step_s, "generate_tokens_per_s": 16 * 32 / gen_s})
-    return rows
+    model = AutoModelForCausalLM.from_pretrained(ROOT / "models" / "SmolLM2-135M-Instruct")
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    ids = torch.randint(100, 40_000, (8, 64))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    def step() -> None:
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    laps = measure.timed(step, runs=2, seconds=seconds)
+    prompt = torch.randint(100, 40_000, (16, 48))
+    with torch.no_grad(), autocast:
+        generate = measure.timed(
+            lambda: model.generate(
+                input_ids=prompt, max_new_tokens=32, min_new_tokens=32, do_sample=True, top_k=0
+            )
+        )[0]
+    return {
+        "dtype": dtype,
+        "train_step_s": sum(lap.wall_s for lap in laps) / len(laps),
+        "generate_tokens_per_s": 16 * 32 / generate.wall_s,
+    }
 
 
 def main() -> None:

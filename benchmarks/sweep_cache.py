@@ -15,16 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RLHF = [sys.executable, "-m", "rlhf"]  # this checkout's package, whatever is installed
+import measure
+
 KL_VALUES = "0.005,0.01,0.02,0.03,0.05,0.07,0.1,0.2"
 LAUNCHERS = {"joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], "basic": []}
 
@@ -37,14 +33,11 @@ def sweep(out: Path, cache: bool, launcher: str, extra: list[str]) -> dict:
         f"hydra.sweep.dir={out}",
         f"cache={cache}",
     ]
-    command = "rlhf " + shlex.join([*args, *extra])
-    print(f"running: {command}", file=sys.stderr, flush=True)
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    start = time.perf_counter()
-    proc = subprocess.run([*RLHF, *args, *extra], cwd=ROOT, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{command} failed:\n{proc.stderr[-3000:]}")
+    run = measure.run_rlhf([*args, *extra], env=env)
+    command, seconds = run.command, run.seconds
+    if run.proc.returncode != 0:
+        raise SystemExit(f"{command} failed:\n{run.proc.stderr[-3000:]}")
     jobs = [json.loads(p.read_text())["stages"] for p in sorted(out.glob("*/summary.json"))]
     trained = {s: sum(not j[s].get("cached") for j in jobs) for s in ("sft", "reward", "ppo", "evaluate")}
     upstream = sum(j[s]["seconds"] for j in jobs for s in ("sft", "reward") if not j[s].get("cached"))

@@ -7,7 +7,7 @@ Task: `rlhf/Review-v0` with the default chain's tiny word-level model. The start
 made once (`python -m rlhf "stages=[sft]" task.env_id=rlhf/Review-v0 logger=none seed=0 hydra.run.dir=DIR`, ~30 s)
 and reused while DIR/sft exists (--sft-run-dir; delete it to retrain). Every side trains the same SFT weights
 against the environment's reward: 32 completions per update, <= 16 tokens, temperature 1, learning rate 1e-3
-decaying linearly over --max-updates, KL coefficient 0.04 (benchmarks/common.py lists every shared setting):
+decaying linearly over --max-updates, KL coefficient 0.04 (benchmarks/group_setup.py lists every shared setting):
 - ours, grpo: 8 prompts x 4 completions, 1 epoch, k3 KL in the loss (the setting of TRL's side, field for field);
 - ours, gae: 32 prompts, critic from the SFT backbone (fresh head), 4 epochs x 1 minibatch of 32 (the PPO setting of
   `ppo_vs_trl.py --batch-size 32 --mini-batches 1`; 4 minibatches of 8 took about as many updates at 1.5-2x the
@@ -35,14 +35,12 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import group_setup
+import measure
 
 SIDES = {
     "ours-gae": "ours, PPO (GAE + critic)",
@@ -61,7 +59,7 @@ class Goal:
 
     def __init__(self, target: float, window: int, max_seconds: float) -> None:
         self.target, self.window, self.max_seconds = target, window, max_seconds
-        self.start = time.perf_counter()
+        self.clock = measure.Stopwatch()
         self.golds: list[float] = []
         self.times: list[float] = []
         self.reached_at: float | None = None
@@ -69,7 +67,7 @@ class Goal:
     def add(self, gold: float) -> bool:
         """Record one update's gold reward; True when training should stop (target reached or time up)."""
         self.golds.append(gold)
-        self.times.append(time.perf_counter() - self.start)
+        self.times.append(self.clock.wall_s)
         recent = self.golds[-self.window :]
         if (
             self.reached_at is None
@@ -89,13 +87,14 @@ class Goal:
             "s_per_update": self.times[-1] / n if n else None,
             "first_gold": self.golds[0] if n else None,
             "last_window_gold": statistics.mean(self.golds[-self.window :]) if n else None,
-            "peak_rss_mb": common.peak_rss_mb(),
-            "versions": common.versions(),
+            "peak_rss_mb": measure.peak_rss_mib(),
+            "versions": group_setup.versions(),
         }
 
 
-def run_side(side: str, model_dir: Path, setup: common.GroupSetup, a: argparse.Namespace) -> dict:
-    common.set_threads(a.threads[0], setup.seed)
+def train_side(side: str, model_dir: Path, setup: group_setup.GroupSetup, a: argparse.Namespace) -> dict:
+    """One side and seed in this process: train until the goal is reached or the time is up."""
+    group_setup.set_threads(a.threads[0], setup.seed)
     with tempfile.TemporaryDirectory(prefix="ttq_") as out:
         if side == "trl":
             goal: list[Goal] = []
@@ -104,16 +103,18 @@ def run_side(side: str, model_dir: Path, setup: common.GroupSetup, a: argparse.N
                 if "reward" in logs and goal[0].add(logs["reward"]):
                     control.should_training_stop = True
 
-            callback = common.trl_callback(on_log=on_log)
-            trainer = common.build_trl(model_dir, setup, common.trl_config(setup, Path(out)), [callback])
+            callback = group_setup.trl_callback(on_log=on_log)
+            trainer = group_setup.build_trl(
+                model_dir, setup, group_setup.trl_config(setup, Path(out)), [callback]
+            )
             goal.append(Goal(a.target, a.window, a.max_seconds))  # the clock starts after loading
             trainer.train()
             return goal[0].result(side)
         if side.startswith("ours-gae"):
-            cfg = common.ours_config(setup, "gae", critic_process=side == "ours-gae-cp", **GAE)
+            cfg = group_setup.ours_config(setup, "gae", critic_process=side == "ours-gae-cp", **GAE)
         else:
-            cfg = common.ours_config(setup, "grpo")
-        trainer = common.build_ours(model_dir, setup, cfg, Path(out))
+            cfg = group_setup.ours_config(setup, "grpo")
+        trainer = group_setup.build_ours(model_dir, setup, cfg, Path(out))
         if trainer.critic_process is not None:  # its start (~3 s: a fresh interpreter's imports) is setup
             trainer.critic_process.wait_ready()
         goal_ = Goal(a.target, a.window, a.max_seconds)
@@ -129,10 +130,14 @@ def sft_checkpoint(run_dir: Path, seed: int) -> Path:
     if (sft / "config.json").exists():
         print(f"SFT checkpoint: {sft} (reused; delete {run_dir} to retrain)", flush=True)
         return sft
-    cmd = [sys.executable, "-m", "rlhf", "stages=[sft]", f"task.env_id={ENV_ID}", "logger=none"]
-    cmd += [f"seed={seed}", f"hydra.run.dir={run_dir}"]
-    print(f"SFT checkpoint: python {' '.join(cmd[1:])}", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT)
+    args = [
+        "stages=[sft]",
+        f"task.env_id={ENV_ID}",
+        "logger=none",
+        f"seed={seed}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = measure.run_rlhf(args).proc
     if proc.returncode != 0 or not (sft / "config.json").exists():
         sys.exit(f"SFT failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return sft
@@ -194,7 +199,7 @@ def main() -> None:
     p.add_argument(
         "--sft-run-dir",
         type=Path,
-        default=common.ROOT / "outputs" / "bench" / "time_to_quality",
+        default=measure.ROOT / "outputs" / "bench" / "time_to_quality",
         help="run dir of the SFT stage (reused when DIR/sft exists)",
     )
     p.add_argument("--json", type=Path, help="also write the medians and the ratios here")
@@ -204,11 +209,13 @@ def main() -> None:
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
 
-    def setup(seed: int) -> common.GroupSetup:
-        return common.GroupSetup(env_id=ENV_ID, learning_rate=LEARNING_RATE, updates=a.max_updates, seed=seed)
+    def setup(seed: int) -> group_setup.GroupSetup:
+        return group_setup.GroupSetup(
+            env_id=ENV_ID, learning_rate=LEARNING_RATE, updates=a.max_updates, seed=seed
+        )
 
     if a.side:
-        print(json.dumps(run_side(a.side, a.model, setup(a.seed), a)))
+        print(json.dumps(train_side(a.side, a.model, setup(a.seed), a)))
         return
 
     model_dir = sft_checkpoint(a.sft_run_dir, seed=0)
@@ -237,7 +244,7 @@ def main() -> None:
             ]
             cmd += ["--max-updates", str(a.max_updates), "--threads", str(threads)]
             label = f"{side}, seed {seed}, {threads} thread(s)"
-            results[side, threads].append(common.run_side(cmd, label))
+            results[side, threads].append(measure.run_side(cmd, label))
     text, best = table(results, a.seeds, a.max_seconds)
     ratios = {s: _ratio(best[s][0], best["trl"][0]) for s in best if s != "trl" and "trl" in best}
     if a.json:
@@ -259,7 +266,7 @@ def main() -> None:
             + ("undefined (not reached)" if ratio is None else f"{ratio:.2f}x the time"),
             end="",
         )
-    print(f"\n\ncommand: {common.command_line('time_to_quality.py')}")
+    print(f"\n\ncommand: {measure.command_line('time_to_quality.py')}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The peer side of benchmarks/ppo_vs_trl.py: trl 1.12.0's PPOTrainer on the same tiny setup as ours.
 
-Runs in benchmarks/.venv-trl112 (made by benchmarks/setup_peer.sh), so it imports nothing from this repository:
-the word-level tokenizer is rebuilt here with the recipe of rlhf/models/tokenizer.py (ids 0-2 = <pad>, <unk>, </s>, then
+Runs in benchmarks/.venv-trl112 (made by benchmarks/setup_peer.sh), so it imports nothing from rlhf/ or envs/ (only
+benchmarks/measure.py, which needs nothing but the standard library): the word-level tokenizer is rebuilt here with the recipe of rlhf/models/tokenizer.py (ids 0-2 = <pad>, <unk>, </s>, then
 the words; left padding), and every model is built from the LlamaConfig json that ppo_vs_trl.py writes. Policy and
 reference are LlamaForCausalLM, value and reward model LlamaForSequenceClassification (num_labels=1), all fresh
 from torch's RNG: throughput does not depend on the weights. Prints one JSON line (the last line of stdout).
@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import tempfile
-import time
+
+import measure
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -53,10 +53,11 @@ class UpdateClock(TrainerCallback):
     """Wall-clock and process CPU time at the end of every PPO update (PPOTrainer calls on_step_end once per update)."""
 
     def __init__(self) -> None:
+        self.watch = measure.Stopwatch()
         self.times: list[tuple[float, float]] = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append((time.perf_counter(), time.process_time()))
+        self.times.append((self.watch.wall_s, self.watch.cpu_s))
 
 
 def main() -> None:
@@ -127,9 +128,7 @@ def main() -> None:
         train_dataset=dataset,
         callbacks=[clock],
     )
-    start = time.perf_counter()
-    trainer.train()
-    total = time.perf_counter() - start
+    total = measure.timed(trainer.train)[0].wall_s
     # Steady state: from the end of the first update (warm-up) to the end of the last.
     (wall0, cpu0), (wall1, cpu1) = clock.times[0], clock.times[-1]
     s_per_update, cpu_s_per_update = (wall1 - wall0) / (a.updates - 1), (cpu1 - cpu0) / (a.updates - 1)
@@ -143,7 +142,7 @@ def main() -> None:
                 "s_per_update": s_per_update,
                 "cpu_s_per_update": cpu_s_per_update,
                 "total_s": total,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mb": measure.peak_rss_mib(),
                 "threads": torch.get_num_threads(),
                 "versions": {"torch": torch.__version__, "trl": __import__("trl").__version__},
             }

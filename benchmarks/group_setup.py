@@ -19,21 +19,10 @@ Both sides get:
 
 from __future__ import annotations
 
-import json
-import os
-import resource
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# `python benchmarks/x.py` puts benchmarks/ on the path, not the repository root (envs/, rlhf/)
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 @dataclass
@@ -61,41 +50,6 @@ class GroupSetup:
     def batch_size(self) -> int:
         """Completions per update."""
         return self.num_prompts * self.num_generations
-
-
-# ---------------------------------------------------------------------------------------------- processes and load
-
-
-def load_1min() -> float:
-    return os.getloadavg()[0]
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run_side(cmd: list[str], label: str) -> dict:
-    """Run one side in its own process and return its result (the JSON on the last line of its stdout), plus the
-    1-min load average before it started (printed with `label`)."""
-    load = load_1min()
-    print(f"  load {load:.2f} before {label}", flush=True)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "load_before": load}
-
-
-def command_line(script: str) -> str:
-    """The command that reproduces this run, from the repository root."""
-    return " ".join([os.path.relpath(sys.executable, ROOT), f"benchmarks/{script}", *sys.argv[1:]])
-
-
-def write_results(path: Path, script: str, key: dict[str, float], results: Any) -> None:
-    """--json output: the command, the key numbers (what benchmarks/summary.py prints) and every row."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"command": command_line(script), "key": key, "results": results}, indent=1))
 
 
 def set_threads(threads: int, seed: int) -> None:
@@ -170,7 +124,7 @@ class EnvReward:
 def ours_config(setup: GroupSetup, advantage: str = "grpo", **overrides: Any):
     """Our PPOConfig for `setup`. advantage=grpo: the group-baseline mode matched to TRL's GRPO; the other fields of
     PPOConfig keep their schema defaults unless `overrides` sets them (e.g. the GAE side's epochs and KL)."""
-    from rlhf.config import PPOConfig
+    from rlhf.ppo.config import PPOConfig
 
     fields: dict[str, Any] = {
         "reward_source": "env",
