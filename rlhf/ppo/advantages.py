@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.ppo.ops import masked_whiten
+
 GROUP_METHODS = ("grpo", "rloo")
 
 
@@ -151,3 +153,37 @@ def group_token_advantages(
             )
         per_token = per_token + token_rewards.detach().to(adv.dtype)
     return torch.where(m, per_token, torch.zeros((), dtype=adv.dtype, device=adv.device))
+
+
+def advantages_and_returns(
+    token_scores: torch.Tensor,
+    kl_reward: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    estimator: str,
+    group_size: int = 1,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_rewards: bool = False,
+    whiten_advantages: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 5 of a PPO update: token_scores, kl_reward (-kl_coef * kl, or 0 with the KL in the loss), values, mask
+    (B, R) -> advantages, returns (B, R).
+
+    estimator gae: GAE over score + KL rewards (optionally whitened before, the advantages whitened after);
+    grpo | rloo: the group advantage of each episode's score on its action tokens (groups of `group_size`
+    consecutive episodes) plus the token's KL penalty, not divided by the group's std; returns are 0 (no critic).
+    """
+    if estimator == "gae":
+        rewards = token_scores + kl_reward  # (B, R), zero off the action tokens
+        if whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values, mask, gamma, lam)
+        if whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        return advantages, returns
+    advantages = group_token_advantages(
+        token_scores.sum(1), mask, group_size, estimator, token_rewards=kl_reward
+    )  # (B, R)
+    return advantages, torch.zeros_like(advantages)

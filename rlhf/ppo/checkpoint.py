@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.common.manifest import build_manifest, fsync_dir, fsync_tree, manifest_problem
+from rlhf.models.lora import merge_lora, merged_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -195,3 +196,36 @@ def load_checkpoint(accelerator, checkpoint: Path) -> dict[str, Any]:
     except Exception as e:
         raise CheckpointError(_corrupt(checkpoint, e)) from None
     return meta
+
+
+def check_settings(checkpoint: Path, meta: dict[str, Any], **settings: Any) -> None:
+    """ValueError when the checkpoint was written with other batch settings than `settings` (name=value) of this run.
+    A name missing from meta.json (a checkpoint from before it was recorded) makes no claim."""
+    for key, mine in settings.items():
+        if meta.get(key, mine) != mine:
+            raise ValueError(
+                f"checkpoint {checkpoint} was written with {key}={meta.get(key)}, this run has {mine}; "
+                "use the same settings or set ppo.resume=false"
+            )
+
+
+def export_models(
+    accelerator, directory: Path, models: dict[str, tuple[Any, dict | None]], tokenizer: Any
+) -> None:
+    """The trained models as plain `save_pretrained` directories a user loads with `transformers` alone: "policy"
+    (LoRA merged) with the tokenizer at `directory`, every other name at `directory/<name>` (with it too).
+
+    models: name -> (model, whole state dict or None). Every process calls it: under FSDP the state dict was gathered
+    onto the main process (the module's own parameters are shards) and is merged from there; otherwise (None) peft
+    merges the module in place, so call it once training is over.
+    """
+    if accelerator.is_main_process:
+        for name, (model, state) in models.items():
+            path = directory if name == "policy" else directory / name
+            if state is None:
+                merge_lora(model).save_pretrained(path)
+            else:
+                base = model.get_base_model() if hasattr(model, "get_base_model") else model
+                base.save_pretrained(path, state_dict=merged_state_dict(model, state))
+            tokenizer.save_pretrained(path)
+    accelerator.wait_for_everyone()

@@ -30,7 +30,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import rlhf.models.attention  # noqa: F401  (registers the attention the unpickled critic's config may name)
-from rlhf.ppo.losses import value_loss
+from rlhf.ppo.losses import critic_loss
+from rlhf.ppo.value_head import critic_values, predict_values
 
 
 class Shared:
@@ -65,47 +66,6 @@ def _from_wire(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_from_wire(v) for v in obj)
     return obj
-
-
-def critic_micro_loss(
-    value_model: nn.Module,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    context_length: int,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    cliprange_value: float | None,
-    autocast: contextlib.AbstractContextManager,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The clipped value loss of some episodes ((b, Q + R) ids and mask; (b, R) old values, returns, action mask)
-    and its detached stats: what the trainer adds to the policy loss, in-process or in the worker."""
-    with autocast:
-        vpred = value_model(query_responses, attention_mask)[:, context_length - 1 : -1]  # (b, R)
-    loss, stats = value_loss(vpred, old_values, returns, mask, cliprange_value)
-    return loss, {"loss/value_avg": loss.detach(), "val/clipfrac_avg": stats["clipfrac"]}
-
-
-@torch.no_grad()
-def critic_values(
-    value_model: nn.Module,
-    query_responses: torch.Tensor,
-    attention_mask: torch.Tensor,
-    action_mask: torch.Tensor,
-    context_length: int,
-    batch_size: int,
-    autocast: contextlib.AbstractContextManager,
-) -> torch.Tensor:
-    """V(s_t) of each response token, (B, R) float32 with 0 off the action tokens, `batch_size` episodes per forward:
-    the trainer's value pass, in-process or in the worker."""
-    parts = []
-    for i in range(0, len(query_responses), batch_size):
-        with autocast:
-            v = value_model(
-                query_responses[i : i + batch_size], attention_mask[i : i + batch_size]
-            )  # (b, Q + R)
-        parts.append(v[:, context_length - 1 : -1])
-    return torch.cat(parts).masked_fill(~action_mask, 0.0)
 
 
 def _serve(conn, value_model: nn.Module, threads: int, settings: dict) -> None:
@@ -163,16 +123,19 @@ class _Worker:
         ro, stats = self.rollout, {}
         for idx, weight in micro_batches:
             index = torch.tensor(idx)
-            loss, out = critic_micro_loss(
+            values = predict_values(
                 self.model,
                 ro["query_responses"][index],
                 ro["attention_mask"][index],
                 ro["context_length"],
+                self.autocast,
+            )
+            loss, out = critic_loss(
+                values,
                 ro["values"][index],
                 ro["returns"][index],
                 ro["action_mask"][index],
                 self.settings["cliprange_value"],
-                self.autocast,
             )
             if not torch.isfinite(loss):
                 return {"nonfinite": loss.detach()}

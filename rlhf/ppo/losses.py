@@ -5,7 +5,8 @@ loss nor to its gradient, even where their inputs are garbage (NaN/inf on paddin
 before any nonlinearity, not multiplied by the mask afterwards.
 Stats are detached 0-dim tensors (gather/average them across processes before ``.item()``).
 The entropy bonus is ``ops.entropy_from_logits`` + ``ops.masked_mean``; ``kl_loss`` is the KL-to-reference term
-of GRPO-style training (the KL in the loss rather than in the reward).
+of GRPO-style training (the KL in the loss rather than in the reward). ``ppo_loss`` is a whole minibatch's loss
+(policy, entropy, KL and value terms), what the trainer's update and the benchmarks compute.
 """
 
 from __future__ import annotations
@@ -116,3 +117,64 @@ def kl_loss(
     lp = torch.where(m, logprobs, zero)  # (B, T); masked positions give a log-ratio of 0, so a KL of 0
     ref = torch.where(m, ref_logprobs.detach().to(logprobs.dtype), zero)  # (B, T)
     return masked_mean(kl_penalty(lp, ref, estimator), m)
+
+
+def critic_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`value_loss` with its stats under TRL's metric names (`loss/value_avg`, `val/clipfrac_avg`); tensors (B, T)."""
+    loss, stats = value_loss(values, old_values, returns, mask, cliprange_value)
+    return loss, {"loss/value_avg": loss.detach(), "val/clipfrac_avg": stats["clipfrac"]}
+
+
+def ppo_loss(
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cliprange: float,
+    ent_coef: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    values: torch.Tensor | None = None,
+    old_values: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None,
+    cliprange_value: float | None = None,
+    vf_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one PPO minibatch and its detached stats (TRL's metric names), every term a masked mean over the
+    action tokens:
+
+        loss = policy_loss - ent_coef * entropy [+ kl_coef * kl_loss] [+ vf_coef * critic_loss]
+
+    logprobs, entropy: (B, T) the current policy's, with grad (`rollout.response_logprobs`); old_logprobs,
+    advantages, mask: (B, T). The KL term (GRPO's beta, `ppo.kl_in=loss`) comes in with `ref_logprobs`; the value
+    term with `values` (the critic's current predictions, with grad), `old_values` and `returns`. The entropy gets a
+    gradient only when `ent_coef` is set.
+    """
+    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
+    entropy_avg = masked_mean(entropy if ent_coef else entropy.detach(), mask)
+    loss = pg_loss - ent_coef * entropy_avg if ent_coef else pg_loss
+    stats = {
+        "loss/policy_avg": pg_loss.detach(),
+        "policy/approxkl_avg": pg_stats["approxkl"],
+        "policy/clipfrac_avg": pg_stats["clipfrac"],
+        "policy/entropy_avg": entropy_avg.detach(),
+        "val/ratio": pg_stats["ratio"],
+    }
+    if ref_logprobs is not None:
+        kl = kl_loss(logprobs, ref_logprobs, mask, kl_estimator)
+        loss = loss + kl_coef * kl
+        stats["loss/kl_avg"] = kl.detach()
+    if values is not None:
+        vf_loss, vf_stats = critic_loss(values, old_values, returns, mask, cliprange_value)
+        loss = loss + vf_coef * vf_loss
+        stats.update(vf_stats)
+    return loss, stats

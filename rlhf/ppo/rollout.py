@@ -124,6 +124,20 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def padded_forward(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
+):
+    """The model's forward over whole left-padded sequences (B, L): positions from the mask (`position_ids`), no KV
+    cache; `kwargs` go to the model. The policy's, the reference's and the critic's passes all run through it."""
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+        **kwargs,
+    )
+
+
 def response_logits(
     model: torch.nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int
 ) -> torch.Tensor:
@@ -131,13 +145,7 @@ def response_logits(
 
     logits[:, t] is the model's output at position Q + t - 1. Position ids come from the attention mask.
     """
-    out = model(
-        input_ids=query_responses,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        use_cache=False,
-    )
-    return out.logits[:, context_length - 1 : -1]
+    return padded_forward(model, query_responses, attention_mask).logits[:, context_length - 1 : -1]
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
@@ -176,11 +184,10 @@ def response_logprobs(
     if head is None:
         logits = response_logits(model, query_responses, attention_mask, context_length)  # (B, R, V)
         return logprobs_from_logits(logits, targets, temperature), entropy_from_logits(logits, temperature)
-    out = model(
-        input_ids=query_responses,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        use_cache=False,
+    out = padded_forward(
+        model,
+        query_responses,
+        attention_mask,
         output_hidden_states=True,
         logits_to_keep=1,  # only the last position's logits: the head runs chunked below
     )

@@ -32,6 +32,7 @@ from rlhf.models.loading import (
     resolve_device,
 )
 from rlhf.models.tokenizer import stop_token_ids
+from rlhf.ppo.seeds import EVAL_SEED_OFFSET
 from rlhf.rewards import Component, Episodes, component_values
 from rlhf.rewards.reward_model import RewardScorer
 from rlhf.stages.base import StageContext, StageResult, upstream_model
@@ -43,8 +44,6 @@ POLICIES = ("sft", "ppo")
 
 
 def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
-    from rlhf.ppo.trainer import EVAL_SEED_OFFSET
-
     e = cfg.evaluate
     paths = {
         "sft": upstream_model(ctx, cfg.ppo.policy_path, "sft", "evaluate", None),

@@ -8,13 +8,16 @@ and a plot of reward and KL over updates at `<run dir>/ppo_curves.png`.
 
 Resume: with `ppo.resume=true` (default) a rerun in the same run directory continues from the newest checkpoint
 when it is whole and carries this stage's key (`ctx.key`); the registry's resume hook hands its W&B run id to the
-pipeline, so the resumed stage logs into the same run, and the trainer replays the history the killed process may
-not have flushed.
+pipeline, so the resumed stage logs into the same run, and the trainer hands back the history up to the checkpoint,
+which this stage replays into the tracker (the killed process may not have flushed it).
+
+The trainer knows no console and no tracker: `ConsoleAndTracker`, its callback, draws the progress bar, prints a
+compact line every `ppo.console_every` updates and sends the metrics (every `ppo.log_every`) and sample tables (every
+`ppo.samples_every`) to the stage's W&B run.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -29,11 +32,15 @@ from rlhf.models.loading import (
     load_tokenizer,
     resolve_device,
 )
+from rlhf.ppo.callbacks import Callback
+from rlhf.ppo.history import read_history
+from rlhf.ppo.rollout import Rollout
 from rlhf.rewards import describe, needs_reward_model
 from rlhf.rewards.reward_model import same_vocabulary
 from rlhf.stages import REGISTRY
 from rlhf.stages.base import StageContext, StageResult, upstream_model
 from rlhf.task import environment as task
+from rlhf.tracking.console import ppo_line, progress
 
 log = logging.getLogger("rlhf")
 
@@ -129,7 +136,7 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
         critic=critic,
         accelerator=accelerator,
         seed=ctx.seed,
-        tracker=ctx.tracker,
+        callback=ConsoleAndTracker(p, ctx.tracker),
         run_id=ctx.tracker.run_id,
         stage_key=ctx.key,
         rubric=rubric,
@@ -148,13 +155,6 @@ def run(cfg: RLHFConfig, ctx: StageContext) -> StageResult:
             ctx.tracker.log_image("ppo/curves", plot)
     accelerator.wait_for_everyone()
     return StageResult(artifact=ctx.output_dir, metrics=metrics)
-
-
-def read_history(stage_dir: Path) -> list[dict]:
-    path = Path(stage_dir) / "history.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def summarize(history: list[dict]) -> dict[str, float]:
@@ -205,3 +205,61 @@ def plot_history(history: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+class ConsoleAndTracker(Callback):
+    """The PPO trainer's callback in the stage: a progress bar, a compact console line every `console_every` updates
+    (and the first and last), every metric to the tracker every `log_every` updates (and the last), a samples table
+    every `samples_every` (and the first); on resume the history up to the checkpoint replayed into the tracker.
+
+    p: the PPO settings (`PPOConfig`); tracker: anything with `log(metrics, step, console)` and
+    `log_table(key, columns, rows, step)` (`rlhf.tracking.wandb_run.StageTracker`), or None (the console alone).
+    """
+
+    def __init__(self, p, tracker=None) -> None:
+        self.p, self.tracker = p, tracker
+        self.num_updates = p.total_episodes // p.batch_size
+        self.bar = None
+
+    def shown(self, update: int) -> bool:
+        """Whether update `update` prints a console line (every console_every, the first and the last)."""
+        every = self.p.console_every
+        return every > 0 and (update % every == 0 or update in (1, self.num_updates))
+
+    def tracked(self, update: int) -> bool:
+        """Whether update `update`'s metrics go to the tracker (every log_every, and the last)."""
+        every = self.p.log_every
+        return every > 0 and (update % every == 0 or update == self.num_updates)
+
+    def on_resume(self, history: list[dict]) -> None:
+        if self.tracker is None:
+            return
+        for row in history:
+            if self.tracked(row["update"]):
+                metrics = {k: v for k, v in row.items() if k != "update"}
+                self.tracker.log(metrics, step=row["update"], console=False)
+
+    def on_train_start(self, update: int, num_updates: int) -> None:
+        self.num_updates = num_updates
+        self.bar = progress("ppo", total=num_updates, initial=update, unit="update")
+
+    def on_update(self, update: int, metrics: dict[str, float], rollout: Rollout) -> None:
+        if self.shown(update):
+            log.info(ppo_line(metrics, update, self.num_updates))
+        if self.tracker is not None:
+            if self.tracked(update):
+                self.tracker.log(metrics, step=update, console=False)
+            every = self.p.samples_every
+            if every > 0 and (update % every == 0 or update == 1):
+                scores = rollout.env_rewards.tolist()
+                rows = [[update, q, t, s] for q, t, s in zip(rollout.queries, rollout.transcripts, scores)][
+                    :16
+                ]
+                self.tracker.log_table(
+                    "samples", ["update", "query", "response", "env_reward"], rows, step=update
+                )
+        self.bar.update(1)
+        self.bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+
+    def on_train_end(self) -> None:
+        self.bar.close()
