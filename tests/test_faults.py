@@ -152,9 +152,9 @@ def test_kill_9_in_every_stage_then_the_same_command_gives_the_uninterrupted_res
         command(straight), cwd=REPO, env=environment(), check=True, capture_output=True, timeout=900
     )
 
-    # 12 optimizer steps each for sft and reward (~8 ms a step here, ~70 ms from step 10 to the stage's end: a kill
-    # picked there once landed after the stage had finished), 4 PPO updates (~100 ms each), evaluate ~250 ms. Each
-    # kill lands at a random point with at least ~80 ms to spare before its stage ends.
+    # Each kill lands at a random point early in its stage, so that it lands before the stage ends: by step 8 of the
+    # 12 optimizer steps of sft and reward (a later step leaves too little time), after PPO's checkpoint 1 or 2 of
+    # its 4 updates, and early in evaluate.
     kills = [
         ("sft", logged(f"[sft] step {rng.randint(1, 8)} |"), rng.uniform(0.0, 0.02)),
         ("reward", logged(f"[reward] step {rng.randint(1, 8)} |"), rng.uniform(0.0, 0.02)),

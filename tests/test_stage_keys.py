@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlhf.cli import compose
-from rlhf.run.stage_keys import changes, code_source, fingerprint, stage_keys
+from rlhf.run.stage_keys import PROJECT_ROOT, SOURCE_DIRS, changes, code_source, fingerprint, stage_keys
 
 ALL = ("base", "sft", "reward", "ppo", "evaluate")
 
@@ -221,6 +221,13 @@ def test_an_adapters_key_holds_its_librarys_version(user_code):
     assert subclass["ppo"].config["task.env_id.library"] == expected
     assert subclass["ppo"].config["task.env_id.source"].startswith("keys_adapter_pkg sha256:")
     assert "task.env_id.library" not in stage_keys(compose([]))["sft"].config
+
+
+def test_the_package_version_hashes_this_projects_source():
+    """Every stage key holds a hash of rlhf/, envs/ and conf/: they must be found where the package lies."""
+    for d in SOURCE_DIRS:
+        assert (PROJECT_ROOT / d).is_dir(), d
+    assert (PROJECT_ROOT / "rlhf" / "run" / "stage_keys.py").exists()
 
 
 def test_installed_third_party_code_enters_by_its_version():

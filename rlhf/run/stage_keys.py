@@ -57,8 +57,10 @@ class StageKey:
     """The stage's own config that went into the key: flat, dotted names (shown when a key changes)."""
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+"""The directory that holds `rlhf/`, `envs/` and `conf/` (the repository, or site-packages for a wheel install)."""
 SOURCE_DIRS = ("rlhf", "envs", "conf")
-"""This project's code and configs: a stage key changes with them."""
+"""This project's code and configs, under PROJECT_ROOT: a stage key changes with them."""
 LIBRARIES = ("torch", "transformers", "trl", "accelerate", "peft", "gymnasium")
 """Libraries whose version can change a stage's output."""
 
@@ -67,12 +69,11 @@ LIBRARIES = ("torch", "transformers", "trl", "accelerate", "peft", "gymnasium")
 def package_version() -> str:
     """This package's version, a hash of its source and the training libraries' versions: an output made by other
     code is never reused, also in a development checkout whose version number does not change."""
-    root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for d in SOURCE_DIRS:
-        for p in sorted((root / d).rglob("*")):
+        for p in sorted((PROJECT_ROOT / d).rglob("*")):
             if p.suffix in (".py", ".yaml", ".jinja") and "__pycache__" not in p.parts:
-                h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+                h.update(p.relative_to(PROJECT_ROOT).as_posix().encode() + b"\0" + p.read_bytes())
     libraries = ",".join(f"{name}=={_installed(name)}" for name in LIBRARIES)
     return f"{_installed('rlhf')}+src.{h.hexdigest()[:12]} {libraries}"
 
@@ -219,8 +220,7 @@ def _package_source(top: str) -> str | None:
         return None  # not found, built-in or frozen
     roots = [Path(p) for p in (spec.submodule_search_locations or [])] or [Path(str(spec.origin))]
     roots = [r.resolve() for r in roots]
-    project = Path(__file__).resolve().parent.parent
-    if all(any(r.is_relative_to(project / d) for d in SOURCE_DIRS) for r in roots):
+    if all(any(r.is_relative_to(PROJECT_ROOT / d) for d in SOURCE_DIRS) for r in roots):
         return None  # this project's own code: in package_version
     if any(part in ("site-packages", "dist-packages") for r in roots for part in r.parts):
         distributions = _distributions().get(top)

@@ -3,7 +3,7 @@
 Writes a `save_pretrained` directory (AutoModelForSequenceClassification with num_labels=1 and
 `config.pad_token_id` set, plus the tokenizer) at `ctx.output_dir` and reports held-out pairwise accuracy
 (the fraction of eval pairs where the chosen response scores higher) as `eval/accuracy`. Labels of the built-in
-tasks carry Bradley-Terry noise, so `eval/accuracy` is capped by the task's label ceiling (review: ~0.92);
+tasks carry Bradley-Terry noise, so `eval/accuracy` is capped by the task's label ceiling;
 `eval/gold_accuracy` (agreement with the gold reward's ordering) is not, and shows what the model really learned.
 """
 

@@ -29,7 +29,7 @@ TINY = [
 
 
 def run_sft(tmp_path, overrides):
-    torch.set_num_threads(1)  # what the pipeline does for tiny models: far faster on a busy 2-core machine
+    torch.set_num_threads(1)  # what the pipeline does for tiny models (num_threads auto)
     torch.manual_seed(0)
     cfg = compose([*TINY, *overrides])
     base = prepare_base_model(cfg, tmp_path / BASE)
