@@ -14,12 +14,13 @@ ChatML template (`rlhf.models.tokenizer.build_bpe_tokenizer`). What sets each fa
 - phi3: fused qkv and gate/up projections, a sliding window
 - gpt2: learned absolute positions, LayerNorm, GELU
 
-A BERT reward model has a WordPiece tokenizer of its own (`build_bert_reward_model`).
+`build_causal_lm` also builds any other family from its own config defaults. A BERT reward model has a WordPiece
+tokenizer of its own (`bert_reward_model`, `build_bert_reward_model`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,6 +29,7 @@ import transformers
 
 from envs.base import TextEnv
 from rlhf.models.tokenizer import build_bpe_tokenizer
+from tests.helpers import special_ids
 
 WINDOW = 16
 """Sliding window of the windowed architectures, in tokens: the test sequences are longer."""
@@ -50,7 +52,83 @@ SMALL = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "initializer_range": INIT,
+    "max_position_embeddings": 256,
 }
+"""Every family's sizes (GPT-2's config reads them under its own names: n_embd, n_layer, ...)."""
+
+ARCHITECTURES: dict[str, tuple[type, type, dict[str, Any]]] = {
+    "llama": (
+        transformers.LlamaForCausalLM,
+        transformers.LlamaConfig,
+        {"num_key_value_heads": 2, "tie_word_embeddings": True},
+    ),
+    "qwen2": (
+        transformers.Qwen2ForCausalLM,
+        transformers.Qwen2Config,
+        {
+            "num_hidden_layers": 3,
+            "num_key_value_heads": 2,
+            "use_sliding_window": True,
+            "sliding_window": WINDOW,
+            "max_window_layers": 1,  # layer 0 full, layers 1 and 2 sliding
+            "tie_word_embeddings": False,
+        },
+    ),
+    "qwen3": (
+        transformers.Qwen3ForCausalLM,
+        transformers.Qwen3Config,
+        {
+            "num_hidden_layers": 3,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "use_sliding_window": True,
+            "sliding_window": WINDOW,
+            "max_window_layers": 1,
+        },
+    ),
+    "mistral": (
+        transformers.MistralForCausalLM,
+        transformers.MistralConfig,
+        {"num_key_value_heads": 2, "sliding_window": WINDOW},
+    ),
+    "gemma2": (
+        transformers.Gemma2ForCausalLM,
+        transformers.Gemma2Config,
+        {
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "query_pre_attn_scalar": 8,
+            "sliding_window": WINDOW,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "attn_logit_softcapping": 5.0,  # small enough to bend the tiny model's scores
+            "final_logit_softcapping": 3.0,
+        },
+    ),
+    "gemma3": (
+        transformers.Gemma3ForCausalLM,
+        transformers.Gemma3TextConfig,
+        {
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "query_pre_attn_scalar": 8,
+            "sliding_window": WINDOW,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
+    "phi3": (
+        transformers.Phi3ForCausalLM,
+        transformers.Phi3Config,
+        {"num_key_value_heads": 2, "sliding_window": WINDOW, "resid_pdrop": 0.0, "embd_pdrop": 0.0},
+    ),
+    "gpt2": (
+        transformers.GPT2LMHeadModel,
+        transformers.GPT2Config,
+        {"n_inner": 64, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    ),
+}
+"""name -> (model class, config class, the family's traits over SMALL) of a random-initialised causal LM."""
+
+WINDOWED = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
 
 
 def tiny_tokenizer(vocab_size: int = 400):
@@ -58,164 +136,53 @@ def tiny_tokenizer(vocab_size: int = 400):
     return build_bpe_tokenizer(TEXTS, vocab_size=vocab_size, model_max_length=256)
 
 
-def special_ids(tokenizer) -> dict[str, Any]:
-    return {
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "max_position_embeddings": 256,
-    }
-
-
-def _llama(tok):
-    return transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**SMALL, **special_ids(tok), num_key_value_heads=2, tie_word_embeddings=True)
-    )
-
-
-def _qwen2(tok):
-    return transformers.Qwen2ForCausalLM(
-        transformers.Qwen2Config(
-            **{**SMALL, "num_hidden_layers": 3},
-            **special_ids(tok),
-            num_key_value_heads=2,
-            use_sliding_window=True,
-            sliding_window=WINDOW,
-            max_window_layers=1,  # layer 0 full, layers 1 and 2 sliding
-            tie_word_embeddings=False,
-        )
-    )
-
-
-def _qwen3(tok):
-    return transformers.Qwen3ForCausalLM(
-        transformers.Qwen3Config(
-            **{**SMALL, "num_hidden_layers": 3},
-            **special_ids(tok),
-            num_key_value_heads=2,
-            head_dim=8,
-            use_sliding_window=True,
-            sliding_window=WINDOW,
-            max_window_layers=1,
-        )
-    )
-
-
-def _mistral(tok):
-    return transformers.MistralForCausalLM(
-        transformers.MistralConfig(**SMALL, **special_ids(tok), num_key_value_heads=2, sliding_window=WINDOW)
-    )
-
-
-def _gemma2(tok):
-    return transformers.Gemma2ForCausalLM(
-        transformers.Gemma2Config(
-            **SMALL,
-            **special_ids(tok),
-            num_key_value_heads=2,
-            head_dim=8,
-            query_pre_attn_scalar=8,
-            sliding_window=WINDOW,
-            layer_types=["sliding_attention", "full_attention"],
-            attn_logit_softcapping=5.0,  # small enough to bend the tiny model's scores
-            final_logit_softcapping=3.0,
-        )
-    )
-
-
-def _gemma3(tok):
-    return transformers.Gemma3ForCausalLM(
-        transformers.Gemma3TextConfig(
-            **SMALL,
-            **special_ids(tok),
-            num_key_value_heads=2,
-            head_dim=8,
-            query_pre_attn_scalar=8,
-            sliding_window=WINDOW,
-            layer_types=["sliding_attention", "full_attention"],
-        )
-    )
-
-
-def _phi3(tok):
-    return transformers.Phi3ForCausalLM(
-        transformers.Phi3Config(
-            **SMALL,
-            **special_ids(tok),
-            num_key_value_heads=2,
-            sliding_window=WINDOW,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-        )
-    )
-
-
-def _gpt2(tok):
-    special = special_ids(tok)
-    return transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(
-            vocab_size=special["vocab_size"],
-            n_positions=special["max_position_embeddings"],
-            n_embd=32,
-            n_inner=64,
-            n_layer=2,
-            n_head=4,
-            initializer_range=INIT,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-    )
-
-
-ARCHITECTURES: dict[str, Callable] = {
-    "llama": _llama,
-    "qwen2": _qwen2,
-    "qwen3": _qwen3,
-    "mistral": _mistral,
-    "gemma2": _gemma2,
-    "gemma3": _gemma3,
-    "phi3": _phi3,
-    "gpt2": _gpt2,
-}
-"""name -> builder(tokenizer) of a random-initialised causal LM."""
-
-WINDOWED = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
-
-
-def build_causal_lm(name: str, directory: Path, seed: int = 0, tokenizer=None) -> Path:
-    """A tiny `name` causal LM and its tokenizer saved into `directory` (returned)."""
+def build_causal_lm(name: str, directory: Path, seed: int = 0, tokenizer=None, **traits: Any) -> Path:
+    """A tiny causal LM and its tokenizer saved into `directory` (returned): `name` is a family of ARCHITECTURES,
+    or any other transformers model_type, built from its own config defaults (SMALL, 2 key/value heads); `traits`
+    go over the family's."""
     tokenizer = tokenizer or tiny_tokenizer()
+    model_class, config_class, family = ARCHITECTURES.get(
+        name,
+        (
+            transformers.AutoModelForCausalLM.from_config,
+            partial(transformers.AutoConfig.for_model, name),
+            {"num_key_value_heads": 2},
+        ),
+    )
     torch.manual_seed(seed)
-    model = ARCHITECTURES[name](tokenizer)
+    model = model_class(config_class(**{**SMALL, **special_ids(tokenizer), **family, **traits}))
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(model.generation_config, key, getattr(tokenizer, key))
+    return save(model, tokenizer, directory)
+
+
+def save(model, tokenizer, directory: Path) -> Path:
+    """`model` and `tokenizer` saved side by side into `directory` (returned), as a hub model is laid out."""
     directory = Path(directory)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
 
-def build_bert_reward_model(directory: Path, seed: int = 0) -> Path:
-    """A tiny BERT sequence classifier (one label) with a WordPiece tokenizer of its own, saved into `directory`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+def bert_reward_model(
+    words: list[str], max_positions: int = 128, model_max_length: int | None = None, seed: int = 0
+) -> tuple[transformers.BertForSequenceClassification, transformers.PreTrainedTokenizerFast]:
+    """A tiny BERT sequence classifier (one label) with a WordPiece tokenizer of its own over `words` (any other
+    word is [UNK]): another architecture and vocabulary than the policy's. The model reads `max_positions` tokens;
+    without `model_max_length` the tokenizer has none (transformers' 1e30 sentinel)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    vocab = {
+        t: i for i, t in enumerate(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    }
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
-    backend.train_from_iterator(TEXTS, trainer=trainer)
-    cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -224,7 +191,7 @@ def build_bert_reward_model(directory: Path, seed: int = 0) -> Path:
         cls_token="[CLS]",
         sep_token="[SEP]",
         mask_token="[MASK]",
-        model_max_length=128,
+        **({"model_max_length": model_max_length} if model_max_length else {}),
     )
     torch.manual_seed(seed)
     config = transformers.BertConfig(
@@ -233,17 +200,19 @@ def build_bert_reward_model(directory: Path, seed: int = 0) -> Path:
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         pad_token_id=tokenizer.pad_token_id,
         num_labels=1,
     )
-    model = transformers.BertForSequenceClassification(config)
-    directory = Path(directory)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return transformers.BertForSequenceClassification(config).eval(), tokenizer
+
+
+def build_bert_reward_model(directory: Path, seed: int = 0) -> Path:
+    """`bert_reward_model` over the words of TEXTS (model_max_length 128), saved into `directory` (returned)."""
+    words = [w for text in TEXTS for w in text.split()]
+    return save(*bert_reward_model(words, model_max_length=128, seed=seed), directory)
 
 
 class RaggedDialogueEnv(TextEnv):

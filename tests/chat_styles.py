@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from envs.base import TextEnv
-from rlhf.models.tokenizer import load_tokenizer, train_byte_level_bpe
+from rlhf.models.tokenizer import train_byte_level_bpe
+from tests.helpers import biased_head, saved_tokenizer, tiny_llama_config
 
 QWEN25_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}"
@@ -98,8 +99,7 @@ def chat_tokenizer(style: str, path: Path) -> PreTrainedTokenizerFast:
         **spec["tokens"],
     )
     tokenizer.chat_template = spec["template"]
-    tokenizer.save_pretrained(path)
-    return load_tokenizer(path)
+    return saved_tokenizer(tokenizer, path)
 
 
 def stop_ids(style: str, tokenizer) -> list[int]:
@@ -110,19 +110,7 @@ def stop_ids(style: str, tokenizer) -> list[int]:
 def chat_model(style: str, tokenizer, path: Path) -> LlamaForCausalLM:
     """A tiny Llama saved to `path` with the style's generation_config.eos_token_id (a list), loaded back."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, width=16, layers=1, heads=2, positions=256))
     model.generation_config.eos_token_id = stop_ids(style, tokenizer)
     model.save_pretrained(path)
     return LlamaForCausalLM.from_pretrained(path).eval()
@@ -132,12 +120,4 @@ def forcing_head(model: LlamaForCausalLM, biases: dict[int, float]) -> LlamaForC
     """Replace the head by one with `biases` (-30 for every other token): the tiny model's own logits are small, so
     the biases choose the tokens drawn, and the input still moves the log-probabilities a little (a cache that holds
     the wrong tokens shows)."""
-    config = model.config
-    head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.get_output_embeddings().weight)
-        head.bias.fill_(-30.0)
-        for token, bias in biases.items():
-            head.bias[token] = bias
-    model.lm_head = head
-    return model
+    return biased_head(model, biases, others=-30.0)

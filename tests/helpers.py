@@ -1,15 +1,19 @@
 """What tests share: Hydra overrides for runs through the pipeline or the `rlhf` command (add what a test needs
-after them: a later override of the same key wins), `free_port`, tiny models and toy text environments."""
+after them: a later override of the same key wins), `free_port`, tiny models and toy text environments.
+
+torch and transformers load inside the model builders, so that environment tests (and the user packages they write,
+which import the test environments from here) start fast."""
 
 from __future__ import annotations
 
 import socket
-from typing import Any, ClassVar
-
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from envs.base import TextEnv
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 
 def free_port() -> int:
@@ -108,31 +112,91 @@ class NanEnv(ToyEnv):
         return "", float("nan"), True, False, {}
 
 
-def tiny_llama(tokenizer, seed: int = 0, eos_bias: float | None = None) -> LlamaForCausalLM:
+class NonFiniteRewardEnv(ToyEnv):
+    """Its `_step` rewards `reward` (NaN; a subclass may set another), which TextEnv's `step` refuses."""
+
+    reward: ClassVar[float] = float("nan")
+
+    def _step(self, action):
+        return "", self.reward, True, {}
+
+
+# ---------------------------------------------------------------------------------------------- tiny models
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """A model config's vocabulary size and special ids, from its tokenizer."""
+    return {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def tiny_llama_config(
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    width: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    positions: int = 128,
+    **fields: Any,
+) -> LlamaConfig:
+    """The config of every tiny test Llama: `width` (hidden size; the MLP twice as wide), `layers`, `heads` query
+    and `kv_heads` key/value heads (default: as many), `positions`; the vocabulary and special ids of `tokenizer`
+    when given; `fields` (any LlamaConfig field: vocab_size, num_labels, tie_word_embeddings, ...) over these."""
+    from transformers import LlamaConfig
+
+    sizes = {
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads or heads,
+        "max_position_embeddings": positions,
+    }
+    special = special_ids(tokenizer) if tokenizer is not None else {}
+    return LlamaConfig(**{**sizes, **special, **fields})
+
+
+def tiny_llama(
+    tokenizer: PreTrainedTokenizerBase, seed: int = 0, eos_bias: float | None = None
+) -> LlamaForCausalLM:
     """A ~50k-parameter Llama; `eos_bias` adds a bias to the EOS logit (and forbids the other special tokens)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=eos_bias is None,  # like the pipeline's tiny model; untied to add a bias
-    )
-    model = LlamaForCausalLM(config)
+    # like the pipeline's tiny model the head is tied to the embeddings; untied where a bias is added
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, tie_word_embeddings=eos_bias is None))
     if eos_bias is not None:
-        head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=True)
-        with torch.no_grad():
-            head.weight.copy_(model.lm_head.weight)
-            head.bias.zero_()
-            head.bias[tokenizer.eos_token_id] = eos_bias
-            for special in tokenizer.all_special_ids:  # <pad>, <unk>, <reply>: never a reply's token
-                if special != tokenizer.eos_token_id:
-                    head.bias[special] = -30.0
-        model.lm_head = head
+        eos = tokenizer.eos_token_id
+        never = {
+            s: -30.0 for s in tokenizer.all_special_ids if s != eos
+        }  # <pad>, <unk>, <reply>: not a reply's
+        biased_head(model, {**never, eos: eos_bias})
     return model.eval()
+
+
+def biased_head(model: PreTrainedModel, biases: dict[int, float], others: float = 0.0) -> PreTrainedModel:
+    """Replace `model`'s output layer by one with the same weights and a bias: `biases[token]` on those tokens,
+    `others` on every other token."""
+    import torch
+
+    config = model.config
+    head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.get_output_embeddings().weight)
+        head.bias.fill_(others)
+        for token, bias in biases.items():
+            head.bias[token] = bias
+    model.lm_head = head
+    return model
+
+
+def saved_tokenizer(tokenizer: PreTrainedTokenizerBase, path: Path) -> PreTrainedTokenizerBase:
+    """`tokenizer` as every stage gets it: saved to `path`, then loaded by `load_tokenizer` (pad defaulted to eos)."""
+    from rlhf.models.tokenizer import load_tokenizer
+
+    tokenizer.save_pretrained(path)
+    return load_tokenizer(path)

@@ -23,12 +23,10 @@ from rlhf.ppo.decoder import HFDecoder, LlamaDecoder, make_decoder
 from rlhf.ppo.sampler import KVSampler
 from tests.architectures import (
     ARCHITECTURES,
-    SMALL,
     WINDOW,
     WINDOWED,
     build_bert_reward_model,
     build_causal_lm,
-    special_ids,
     tiny_tokenizer,
 )
 
@@ -362,27 +360,6 @@ def test_lora_on_gpt2_conv1d_merges_transposed(saved):
         torch.testing.assert_close(merged[key], value, msg=key)
 
 
-def tiny_lfm2(directory):
-    """LFM2: short-convolution layers beside attention (a recurrent state in the cache)."""
-    tokenizer = tiny_tokenizer()
-    config = transformers.Lfm2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        full_attn_idxs=[1],
-        pad_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        max_position_embeddings=256,
-    )
-    transformers.Lfm2ForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def test_recurrent_state_models_are_refused_before_training(tmp_path):
     """LFM2 / Mamba / Qwen3-Next keep a recurrent state the KV-cache sampler cannot hold (it crashed with an
     IndexError mid-rollout): validation refuses them before any stage runs, naming the model and what to do, and the
@@ -391,7 +368,9 @@ def test_recurrent_state_models_are_refused_before_training(tmp_path):
     from rlhf.models.loading import check_sampler_support
     from rlhf.run.validation import validate
 
-    lfm2 = tiny_lfm2(tmp_path / "lfm2")
+    lfm2 = build_causal_lm(
+        "lfm2", tmp_path / "lfm2", full_attn_idxs=[1]
+    )  # short-convolution layers beside attention
     cfg = compose(
         ["model=hf", f"model.name_or_path={lfm2}", "stages=[ppo,evaluate]", "ppo.reward_source=env"]
     )
@@ -530,13 +509,7 @@ UNNAMED = ["olmo2", "granite", "stablelm", "gpt_neox", "starcoder2", "cohere"]
 def test_architectures_the_matrix_does_not_name_score_and_sample_padded_rows_as_alone(tmp_path, model_type):
     """Any family through the loaders: the scoring forwards and the sampler over a left-padded batch equal each row
     alone (a new family needs no code here, only a KV cache and a registered attention mask)."""
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(
-        model_type, **SMALL, **special_ids(tokenizer), num_key_value_heads=2
-    )
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    build_causal_lm(model_type, tmp_path)
     model, tokenizer = load_causal_lm(tmp_path), load_tokenizer(tmp_path)
     assert max(check_scoring(model, tokenizer).values()) < TOLERANCE
     assert max(check_sampler(model, tokenizer).values()) < TOLERANCE

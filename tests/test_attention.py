@@ -5,26 +5,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import rlhf.models.attention as attention
 from rlhf.models.attention import FLOAT32_CPU_SDPA, float32_cpu_sdpa, use_float32_cpu_attention
 from rlhf.models.loading import load_causal_lm, load_reward_model
 from rlhf.models.tokenizer import build_tokenizer
+from tests.helpers import tiny_llama_config
 
 
 def gqa_llama() -> LlamaForCausalLM:
     """Grouped-query attention (SmolLM2 has 9 query / 3 key-value heads)."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+    config = tiny_llama_config(
+        vocab_size=40, width=48, heads=6, kv_heads=2, positions=64, intermediate_size=64
     )
     return LlamaForCausalLM(config)
 

@@ -4,31 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import envs
 from envs.guess import GuessNumberEnv
 from envs.review import ReviewEnv
 from rlhf.models.chat_format import ChatFormat, FormatMismatch, assistant, user
-from rlhf.models.loading import load_tokenizer
 from rlhf.models.tiny import build_tiny_tokenizer
 from rlhf.ppo.rollout import fit_action, rollout
-
-
-def saved(tokenizer, path):
-    """As every stage gets it: saved, then loaded by `load_tokenizer` (pad defaulted to eos)."""
-    tokenizer.save_pretrained(path)
-    return load_tokenizer(path)
+from tests.helpers import biased_head, saved_tokenizer, tiny_llama_config
 
 
 @pytest.fixture(scope="module")
 def bpe(tmp_path_factory):
-    return saved(build_tiny_tokenizer("bpe", GuessNumberEnv), tmp_path_factory.mktemp("bpe"))
+    return saved_tokenizer(build_tiny_tokenizer("bpe", GuessNumberEnv), tmp_path_factory.mktemp("bpe"))
 
 
 @pytest.fixture(scope="module")
 def word(tmp_path_factory):
-    return saved(build_tiny_tokenizer("word", GuessNumberEnv), tmp_path_factory.mktemp("word"))
+    return saved_tokenizer(build_tiny_tokenizer("word", GuessNumberEnv), tmp_path_factory.mktemp("word"))
 
 
 def test_bpe_stand_in_has_real_tokenizer_traits(bpe):
@@ -88,24 +82,8 @@ def test_a_template_whose_turns_do_not_end_with_eos_is_refused(bpe):
 
 def test_multi_turn_rollout_equals_the_template_and_envs_get_plain_text(bpe):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(bpe),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=bpe.pad_token_id,
-        eos_token_id=bpe.eos_token_id,
-        bos_token_id=bpe.bos_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    # make the end-of-turn token likely so that turns end by themselves
-    model.lm_head = torch.nn.Linear(32, len(bpe), bias=True)
-    with torch.no_grad():
-        model.lm_head.bias.zero_()
-        model.lm_head.bias[bpe.eos_token_id] = 6.0
+    model = LlamaForCausalLM(tiny_llama_config(bpe, layers=1, heads=2, positions=512))
+    biased_head(model, {bpe.eos_token_id: 6.0})  # the end-of-turn token likely: turns end by themselves
     fmt = ChatFormat(bpe)
     env_list = [envs.make("rlhf/GuessNumber-v0") for _ in range(8)]
     ro = rollout(
@@ -117,7 +95,7 @@ def test_multi_turn_rollout_equals_the_template_and_envs_get_plain_text(bpe):
         stop_token_ids={bpe.eos_token_id},
         max_turns=3,
     )
-    specials = set(bpe.all_special_ids)
+    specials = set(bpe.added_tokens_decoder)  # the special tokens and the template's markers (<|im_start|>)
     checked = 0
     for i in range(len(ro)):
         real = [t for t, m in zip(ro.query_responses[i].tolist(), ro.attention_mask[i].tolist()) if m]

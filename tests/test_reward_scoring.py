@@ -7,47 +7,30 @@ from types import SimpleNamespace
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    LlamaConfig,
-    LlamaForSequenceClassification,
-    PreTrainedTokenizerFast,
-)
+from transformers import LlamaForSequenceClassification
 from trl.data_utils import _tokenize
 
 from envs.review import ReviewEnv
 from rlhf.models.chat_format import ChatFormat, assistant, user
-from rlhf.models.loading import load_tokenizer
 from rlhf.models.tiny import build_tiny_tokenizer
 from rlhf.models.tokenizer import stop_token_ids
 from rlhf.ppo.rollout import left_pad, rollout
 from rlhf.rewards.reward_model import RewardScorer, context_limit, keep_end, plain_text
 from rlhf.stages.reward import pair_margins
+from tests.architectures import bert_reward_model
 from tests.chat_styles import STYLES, TwoTurnEnv, chat_model, chat_tokenizer, forcing_head, stop_ids
+from tests.helpers import saved_tokenizer, tiny_llama_config
 
 
 @pytest.fixture(scope="module")
 def bpe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bpe")
-    build_tiny_tokenizer("bpe", ReviewEnv).save_pretrained(path)
-    return load_tokenizer(path)  # pad = eos, as for SmolLM2
+    # pad = eos, as for SmolLM2
+    return saved_tokenizer(build_tiny_tokenizer("bpe", ReviewEnv), tmp_path_factory.mktemp("bpe"))
 
 
 def llama_reward_model(tokenizer, max_positions: int = 2048) -> LlamaForSequenceClassification:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        max_position_embeddings=max_positions,
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny_llama_config(tokenizer, heads=2, positions=max_positions, num_labels=1)
     return LlamaForSequenceClassification(config).eval()
 
 
@@ -108,39 +91,8 @@ def test_scores_equal_the_reward_stage_evaluation_with_pad_equal_to_eos(bpe):
     assert not torch.allclose(torch.stack(at_eos), chosen, atol=1e-3)
 
 
-def bert_reward_model(
-    max_positions: int = 512,
-) -> tuple[BertForSequenceClassification, PreTrainedTokenizerFast]:
-    """A tiny BERT with a WordPiece tokenizer: another architecture and vocabulary than the policy's. Its tokenizer
-    has no model_max_length (transformers' 1e30 sentinel); the model reads `max_positions` tokens."""
-    vocab = {
-        t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *ReviewEnv.vocabulary()])
-    }
-    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
-    )
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=1,
-        pad_token_id=0,
-        max_position_embeddings=max_positions,
-    )
-    return BertForSequenceClassification(config).eval(), tokenizer
-
-
 def test_a_reward_model_with_its_own_tokenizer_scores_the_decoded_text(bpe):
-    model, bert_tokenizer = bert_reward_model()
+    model, bert_tokenizer = bert_reward_model(ReviewEnv.vocabulary(), max_positions=512)
     scorer = RewardScorer(model, bert_tokenizer, bpe, batch_size=2)
     assert not scorer.token_path
     prompts = ["review : the film was", "review : the plot is", "review : the cast felt"]
@@ -208,7 +160,7 @@ def test_token_and_text_paths_score_the_same_layout_for_finished_stopped_and_cut
 
 
 def test_context_limit_is_the_tokenizer_length_capped_by_the_positions():
-    model, tokenizer = bert_reward_model(max_positions=64)
+    model, tokenizer = bert_reward_model(ReviewEnv.vocabulary(), max_positions=64)
     assert tokenizer.model_max_length >= 10**29  # no model_max_length saved: transformers' sentinel
     assert context_limit(model, tokenizer) == 64
     tokenizer.model_max_length = 16
@@ -229,7 +181,7 @@ def test_keep_end_keeps_the_start_token_and_the_end():
 
 
 def test_a_bert_reward_model_scores_a_dialogue_past_its_context_on_its_end(bpe):
-    model, bert_tokenizer = bert_reward_model(max_positions=24)
+    model, bert_tokenizer = bert_reward_model(ReviewEnv.vocabulary(), max_positions=24)
     scorer = RewardScorer(model, bert_tokenizer, bpe)
     assert not scorer.token_path and scorer.max_length == 24
     prompts = ["review : the film was", "review : the plot is"]

@@ -11,6 +11,7 @@ from gymnasium import spaces
 
 import envs
 from envs.base import TextEnv, bradley_terry_pair, label_accuracy_ceiling
+from tests.helpers import NonFiniteRewardEnv
 
 
 @pytest.fixture(params=envs.BUILTIN_IDS)
@@ -111,20 +112,12 @@ def test_multi_turn_truncates_at_max_turns_and_keeps_terminated_apart():
 
 
 def test_non_finite_reward_is_an_error_naming_the_env():
-    class Broken(TextEnv):
-        charset = "ab "
-        max_action_length = 4
-        max_observation_length = 4
+    class InfinityEnv(NonFiniteRewardEnv):
+        reward = math.inf
 
-        def _reset(self, options):
-            return "a", {}
-
-        def _step(self, action):
-            return "", float("inf"), True, {}
-
-    env = Broken()
+    env = InfinityEnv()
     env.reset(seed=0)
-    with pytest.raises(ValueError, match="Broken: reward inf at turn 1 is not finite"):
+    with pytest.raises(ValueError, match="InfinityEnv: reward inf at turn 1 is not finite"):
         env.step("a")
 
 

@@ -40,23 +40,10 @@ ECHO_TRAIN = next(
 
 BAD_SOURCE = """\
 import gymnasium
-from envs.base import TextEnv
 
-
-class NaNEnv(TextEnv):
-    charset = "ab "
-    max_action_length = 8
-    max_observation_length = 8
-
-    def _reset(self, options):
-        return "a", {}
-
-    def _step(self, action):
-        return "", float("nan"), True, {}
-
-
-gymnasium.register("NaN-v0", entry_point="their_pkg.bad:NaNEnv")
+gymnasium.register("NaN-v0", entry_point="tests.helpers:NonFiniteRewardEnv")
 """
+"""A user's module that registers an environment whose rewards are NaN (the tests' own)."""
 
 PACKAGES = {
     "my_pkg/echo.py": ECHO_SOURCE,
@@ -114,7 +101,8 @@ def test_envs_helpers_and_checker_accept_the_users_id(env_id, user_packages, cap
 def test_cli_on_user_packages_via_pythonpath(user_packages):
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(user_packages), os.environ.get("PYTHONPATH", "")]),
+        # this checkout too, for the tests' NaN environment their_pkg.bad registers
+        "PYTHONPATH": os.pathsep.join([str(user_packages), str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
     run = subprocess.run(
         [sys.executable, "-m", "envs.check", "my_pkg.echo:Echo-v0", "their_pkg.bad:NaN-v0"],
