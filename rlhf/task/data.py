@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -188,22 +189,29 @@ def _task_class(cfg: RLHFConfig):
     return env_class(cfg.task.env_id)
 
 
+@dataclass(frozen=True)
+class _Data:
+    """What one stage trains on: `<section>.dataset` when set, else the task's offline data of this kind."""
+
+    section: str
+    """The config section whose `dataset` names the user's data: sft | reward."""
+    kind: str
+    """The task's classmethod that makes the rows, and `task.num_<kind>`: demonstrations | preferences."""
+    check: Callable[[Dataset, str], None]
+    continuations: tuple[str, ...]
+    """The columns that continue a plain `prompt`."""
+
+
+_DEMONSTRATIONS = _Data("sft", "demonstrations", check_sft_columns, ("completion",))
+_PREFERENCES = _Data("reward", "preferences", check_preference_columns, PREFERENCE_COLUMNS)
+
+
 def sft_splits(cfg: RLHFConfig, seed: int, chat: bool = False) -> tuple[Dataset, Dataset | None]:
     """SFT data (train, eval): `sft.dataset` when set, else `task.num_demonstrations` of the task's demonstrations.
 
     `chat`: the model's tokenizer has a chat template (`ChatFormat.is_chat`); plain prompts become conversations.
     """
-    return _splits(
-        cfg,
-        seed,
-        chat=chat,
-        user_dataset=cfg.sft.dataset,
-        key="sft.dataset",
-        task_rows=lambda: _task_class(cfg).demonstrations(cfg.task.num_demonstrations, seed),
-        what="demonstrations",
-        check=check_sft_columns,
-        continuations=("completion",),
-    )
+    return _splits(cfg, seed, chat, _DEMONSTRATIONS)
 
 
 def preference_splits(cfg: RLHFConfig, seed: int, chat: bool = False) -> tuple[Dataset, Dataset | None]:
@@ -211,51 +219,32 @@ def preference_splits(cfg: RLHFConfig, seed: int, chat: bool = False) -> tuple[D
 
     `chat`: the reward model's tokenizer has a chat template; plain prompts become conversations.
     """
-    return _splits(
-        cfg,
-        seed,
-        chat=chat,
-        user_dataset=cfg.reward.dataset,
-        key="reward.dataset",
-        task_rows=lambda: _task_class(cfg).preferences(cfg.task.num_preferences, seed),
-        what="preferences",
-        check=check_preference_columns,
-        continuations=PREFERENCE_COLUMNS,
-    )
+    return _splits(cfg, seed, chat, _PREFERENCES)
 
 
-def _splits(
-    cfg: RLHFConfig,
-    seed: int,
-    *,
-    chat: bool,
-    user_dataset: str | None,
-    key: str,
-    task_rows: Callable[[], list[dict]],
-    what: str,
-    check: Callable[[Dataset, str], None],
-    continuations: tuple[str, ...],
-) -> tuple[Dataset, Dataset | None]:
+def _splits(cfg: RLHFConfig, seed: int, chat: bool, data: _Data) -> tuple[Dataset, Dataset | None]:
     """(train, eval) from the user's dataset (its own test split when it has one) or from the task's offline data,
     plain prompts turned into conversations (chat) or their continuations' leading space normalised (plain), and
     `task.eval_fraction` held out."""
     from datasets import Dataset
 
+    user_dataset = getattr(cfg, data.section).dataset
     if user_dataset:
+        key = f"{data.section}.dataset"
         train, test = load_user_dataset(user_dataset, key)
-        check(train, key)
     else:
-        train, test = Dataset.from_list(task_rows()), None
-        key = f"{cfg.task.env_id} {what}"
-        check(train, key)
+        rows = getattr(_task_class(cfg), data.kind)(getattr(cfg.task, f"num_{data.kind}"), seed)
+        train, test = Dataset.from_list(rows), None
+        key = f"{cfg.task.env_id} {data.kind}"
+    data.check(train, key)
     if len(train) == 0:
         raise ValueError(f"{key}: the dataset is empty; give it at least one row")
     plain_prompts = "prompt" in train.column_names and isinstance(train[0]["prompt"], str)
-    if plain_prompts and set(continuations) <= set(train.column_names):
+    if plain_prompts and set(data.continuations) <= set(train.column_names):
         convert = as_conversation if chat else join_spacing
-        train = train.map(convert, fn_kwargs={"continuations": continuations})
+        train = train.map(convert, fn_kwargs={"continuations": data.continuations})
         if test is not None:
-            test = test.map(convert, fn_kwargs={"continuations": continuations})
+            test = test.map(convert, fn_kwargs={"continuations": data.continuations})
     if test is not None:
         return train.shuffle(seed=seed), test
     return split(train, cfg.task.eval_fraction, seed)
