@@ -195,7 +195,7 @@ def start_stage(
     `resume_id`: continue that run (a resumed stage); the steps its earlier processes wrote into `run_dir` are
     read back into `tracker.recorded_steps`, so that replaying a stage's history writes each step once.
     `swept`: a sweep job's swept values, added to the config as `swept.<key>` columns. `inputs`: the upstream
-    outputs the stage reads (`pipeline.stage_inputs`), added to the config as `inputs` and, online, declared with
+    outputs the stage reads (`rlhf.run.plan.stage_inputs`), added to the config as `inputs` and, online, declared with
     `use_artifact` so that W&B's artifact graph links them to this run (cached ones included).
     """
     if cfg.logger.backend == "none" or cfg.logger.mode == "disabled":
