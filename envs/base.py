@@ -41,7 +41,8 @@ __all__ = [
 
 def id_of(env: gymnasium.Env) -> str:
     """How errors name an environment: its registered id when made through `gymnasium.make`, else its class name."""
-    return env.spec.id if env.spec is not None else type(env).__name__
+    spec = getattr(env, "spec", None)
+    return spec.id if spec is not None else type(env.unwrapped).__name__
 
 
 def words(text: str) -> list[str]:

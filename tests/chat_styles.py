@@ -21,6 +21,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from envs.base import TextEnv
 from rlhf.models.tokenizer import train_byte_level_bpe
+from rlhf.ppo.rollout import Rollout, rollout
 from tests.helpers import biased_head, saved_tokenizer, tiny_llama_config
 
 QWEN25_TEMPLATE = (
@@ -88,6 +89,19 @@ class TwoTurnEnv(TextEnv):
 
     def _step(self, action):
         return "more z", 1.0, False, {}
+
+
+def two_turn_rollout(policy, tokenizer, n: int, response_length: int, stop_token_ids: set[int]) -> Rollout:
+    """`n` episodes of TwoTurnEnv (seeds 0..n-1) sampled from `policy`, replies cut at `response_length` tokens."""
+    envs = [TwoTurnEnv() for _ in range(n)]
+    return rollout(
+        policy,
+        tokenizer,
+        envs,
+        list(range(n)),
+        response_length=response_length,
+        stop_token_ids=stop_token_ids,
+    )
 
 
 def chat_tokenizer(style: str, path: Path) -> PreTrainedTokenizerFast:

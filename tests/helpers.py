@@ -15,6 +15,8 @@ from envs.base import TextEnv
 if TYPE_CHECKING:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+    from rlhf.ppo.config import PPOConfig
+
 
 def free_port() -> int:
     """A TCP port no one listens on now, for a torchrun rendezvous: a fixed port collides with another run of the
@@ -119,6 +121,14 @@ class NonFiniteRewardEnv(ToyEnv):
 
     def _step(self, action):
         return "", self.reward, True, {}
+
+
+def ppo_config(**fields: Any) -> PPOConfig:
+    """The PPO config of a trainer a test builds: rewards from the environment, no checkpoints, no sample tables;
+    `fields` over these."""
+    from rlhf.ppo.config import PPOConfig
+
+    return PPOConfig(**{"reward_source": "env", "save_every": 0, "samples_every": 0, **fields})
 
 
 # ---------------------------------------------------------------------------------------------- tiny models

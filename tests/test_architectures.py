@@ -29,6 +29,7 @@ from tests.architectures import (
     build_causal_lm,
     tiny_tokenizer,
 )
+from tests.helpers import ppo_config
 
 NAMES = sorted(ARCHITECTURES)
 TOLERANCE = 1e-3
@@ -226,7 +227,7 @@ def test_reward_model_and_critic_on_a_causal_backbone_score_padded_rows_as_alone
     right-padded (the reward scorer's layout), left-padded with real-token positions (the critic's layout) and the
     critic's per-token values all equal the row alone."""
     from rlhf.ppo.rollout import left_pad, position_ids
-    from rlhf.ppo.trainer import ValueHead
+    from rlhf.ppo.value_head import ValueHead
     from rlhf.rewards.reward_model import RewardScorer
 
     model = load_reward_model(saved[name]).eval()
@@ -322,7 +323,6 @@ def test_alora_is_refused_before_training(saved, tmp_path, float32_accelerator):
     to save the policy. The trainer refuses it when built, the decoder and the state-dict merge too."""
     from peft import LoraConfig, get_peft_model
 
-    from rlhf.config import PPOConfig
     from rlhf.models.lora import merged_state_dict
     from rlhf.ppo.trainer import PPOTrainer
     from tests.architectures import RaggedDialogueEnv
@@ -331,7 +331,7 @@ def test_alora_is_refused_before_training(saved, tmp_path, float32_accelerator):
     invocation = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=invocation)
     model = random_adapters(get_peft_model(load_causal_lm(saved["llama"]), config))
-    cfg = PPOConfig(reward_source="env", total_episodes=8, batch_size=8, advantage="grpo", num_generations=2)
+    cfg = ppo_config(total_episodes=8, batch_size=8, advantage="grpo", num_generations=2)
     with pytest.raises(ValueError, match="aLoRA.*plain LoRA"):
         PPOTrainer(
             cfg, model, tokenizer, RaggedDialogueEnv, output_dir=tmp_path, accelerator=float32_accelerator
@@ -419,20 +419,10 @@ def float32_accelerator():
 def test_first_ppo_update_sees_zero_kl(saved, tmp_path, float32_accelerator, name):
     """Update 1, one epoch of one minibatch: the sampler's log-probabilities are those the update's forward and the
     reference (the same weights) compute, on two-turn episodes whose prompts and messages differ in length."""
-    from rlhf.config import PPOConfig
     from rlhf.ppo.trainer import PPOTrainer
     from tests.architectures import RaggedDialogueEnv
 
-    cfg = PPOConfig(
-        reward_source="env",
-        total_episodes=8,
-        batch_size=8,
-        num_mini_batches=1,
-        num_ppo_epochs=1,
-        response_length=6,
-        save_every=0,
-        samples_every=0,
-    )
+    cfg = ppo_config(total_episodes=8, batch_size=8, num_mini_batches=1, num_ppo_epochs=1, response_length=6)
     tokenizer = load_tokenizer(saved[name])
     torch.manual_seed(0)
     trainer = PPOTrainer(

@@ -14,11 +14,11 @@ from envs.review import ReviewEnv
 from rlhf.models.chat_format import ChatFormat, assistant, user
 from rlhf.models.tiny import build_tiny_tokenizer
 from rlhf.models.tokenizer import stop_token_ids
-from rlhf.ppo.rollout import left_pad, rollout
+from rlhf.ppo.rollout import left_pad
 from rlhf.rewards.reward_model import RewardScorer, context_limit, keep_end, plain_text
 from rlhf.stages.reward import pair_margins
 from tests.architectures import bert_reward_model
-from tests.chat_styles import STYLES, TwoTurnEnv, chat_model, chat_tokenizer, forcing_head, stop_ids
+from tests.chat_styles import STYLES, chat_model, chat_tokenizer, forcing_head, stop_ids, two_turn_rollout
 from tests.helpers import saved_tokenizer, tiny_llama_config
 
 
@@ -121,14 +121,7 @@ def test_token_and_text_paths_score_the_same_layout_for_finished_stopped_and_cut
     policy = forcing_head(chat_model(style, tokenizer, tmp_path), {a: 0.0} | {s: -1.0 for s in stops})
     torch.manual_seed(0)
     n = 24
-    ro = rollout(
-        policy,
-        tokenizer,
-        [TwoTurnEnv() for _ in range(n)],
-        list(range(n)),
-        response_length=3,
-        stop_token_ids=stop_token_ids(tokenizer, "eos", policy.generation_config),
-    )
+    ro = two_turn_rollout(policy, tokenizer, n, 3, stop_token_ids(tokenizer, "eos", policy.generation_config))
     fmt = ChatFormat(tokenizer)
     eot = fmt.end_of_turn_id
     last_tokens = ro.response_ids[
