@@ -81,9 +81,10 @@ class Critic:
     def resumed(self) -> None:
         """Called once a checkpoint's state was loaded into `optimizer`."""
 
-    def full_state(self) -> dict | None:
-        """Under FSDP the critic's whole state dict (every process takes part); None otherwise."""
-        return None
+    def saved(self) -> dict[str, tuple[nn.Module, dict | None]]:
+        """What checkpoints and the export save: {"critic": (model, whole state dict under FSDP or None)}, or {}.
+        Every process calls it (under FSDP the state dict is gathered onto the main process)."""
+        return {}
 
     def close(self) -> None:
         pass
@@ -132,10 +133,11 @@ class LocalCritic(Critic):
     def schedule(self) -> None:
         self.scheduler.step()
 
-    def full_state(self) -> dict | None:
+    def saved(self) -> dict[str, tuple[nn.Module, dict | None]]:
         state = full_state_dict(self.acc, self.module)
-        # ValueHead's keys: "model." + the critic's
-        return None if state is None else {k.removeprefix("model."): v for k, v in state.items()}
+        if state is not None:  # ValueHead's keys: "model." + the critic's
+            state = {k.removeprefix("model."): v for k, v in state.items()}
+        return {"critic": (self.model, state)}
 
 
 class ProcessCritic(LocalCritic):

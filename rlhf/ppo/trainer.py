@@ -118,6 +118,14 @@ class PPOTrainer:
         self.local_batch_size = cfg.batch_size // acc.num_processes
         self.num_updates = cfg.total_episodes // cfg.batch_size
         self.group_size = cfg.num_generations if cfg.advantage in ("grpo", "rloo") else 1
+        self.advantage_settings = {
+            "estimator": cfg.advantage,
+            "group_size": self.group_size,
+            "gamma": cfg.gamma,
+            "lam": cfg.lam,
+            "whiten_rewards": cfg.whiten_rewards,
+            "whiten_advantages": cfg.whiten_advantages,
+        }
         # the EOS and every id of the policy's generation_config.eos_token_id (Qwen2.5: <|im_end|>, <|endoftext|>)
         self.stop_token_ids = stop_token_ids(
             tokenizer, cfg.stop_token, getattr(policy, "generation_config", None)
@@ -236,16 +244,7 @@ class PPOTrainer:
         # 5. advantages and returns: GAE over score + KL rewards, or the group advantage of the scores plus the
         #    per-token KL penalty (not divided by the group's std)
         advantages, returns = advantages_and_returns(
-            scores.token_scores,
-            kl_reward,
-            values,
-            mask,
-            estimator=cfg.advantage,
-            group_size=self.group_size,
-            gamma=cfg.gamma,
-            lam=cfg.lam,
-            whiten_rewards=cfg.whiten_rewards,
-            whiten_advantages=cfg.whiten_advantages,
+            scores.token_scores, kl_reward, values, mask, **self.advantage_settings
         )  # (B, R), (B, R)
         critic.set_targets(values, returns)
         # 6. num_ppo_epochs x num_mini_batches: clipped policy loss (+ KL with kl_in=loss), clipped value loss,
@@ -263,23 +262,24 @@ class PPOTrainer:
         self.policy_sched.step()
         critic.schedule()
         self.episodes += cfg.batch_size
-        # metrics: the means over every process's episodes, then this update's scalars
         metrics = gather_mean(self.acc, episode_sums(ro, scores, k1, non_score_reward, stats))
+        return {**metrics, **self._scalars(ro, t0, t1, t2, t3)}, ro
+
+    def _scalars(self, ro: Rollout, t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
+        """The update's metrics that are no episode means: KL coefficient, learning rate, progress, speed and the
+        phases' times (t0..t3: the update's start, rollout done, scoring done, optimisation done)."""
         elapsed = time.perf_counter() - self._start_time
         generated = mean(self.acc, ro.response_lengths.float().sum()) * self.acc.num_processes
-        metrics.update(
-            {
-                "objective/kl_coef": self.kl_ctl.value,
-                "lr": self.policy_sched.get_last_lr()[0],
-                "episode": self.episodes,
-                "eps": (self.episodes - self._start_episodes) / max(elapsed, 1e-9),
-                "time/rollout": t1 - t0,
-                "time/score": t2 - t1,
-                "time/update": t3 - t2,
-                "tokens_per_second": generated / max(t1 - t0, 1e-9),
-            }
-        )
-        return metrics, ro
+        return {
+            "objective/kl_coef": self.kl_ctl.value,
+            "lr": self.policy_sched.get_last_lr()[0],
+            "episode": self.episodes,
+            "eps": (self.episodes - self._start_episodes) / max(elapsed, 1e-9),
+            "time/rollout": t1 - t0,
+            "time/score": t2 - t1,
+            "time/update": t3 - t2,
+            "tokens_per_second": generated / max(t1 - t0, 1e-9),
+        }
 
     # ------------------------------------------------------------------ the phases
     def rollout(self) -> Rollout:
@@ -338,10 +338,10 @@ class PPOTrainer:
     def _trained_models(self) -> dict[str, tuple[nn.Module, dict | None]]:
         """The policy and the critic (when there is one): the model and, under FSDP, its whole state dict gathered
         onto the main process (every process takes part; None otherwise: the model's own is whole)."""
-        models = {"policy": (self.unwrapped_policy, full_state_dict(self.acc, self.policy))}
-        if self.critic.model is not None:
-            models["critic"] = (self.critic.model, self.critic.full_state())
-        return models
+        return {
+            "policy": (self.unwrapped_policy, full_state_dict(self.acc, self.policy)),
+            **self.critic.saved(),
+        }
 
     def save(self) -> Path:
         """Write an atomic checkpoint of everything needed to continue exactly (all processes call this)."""
