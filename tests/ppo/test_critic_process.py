@@ -17,8 +17,9 @@ import torch
 from test_trainer import BASE, TIMING, history, make_trainer, params
 
 from rlhf.cli import compose
+from rlhf.ppo.config import check_ppo
 from rlhf.ppo.trainer import PPOTrainer
-from rlhf.run.validation import check_ppo, validate
+from rlhf.run.validation import validate
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def run(tokenizer, path, cfg, critic_process: bool, max_updates=None, model_seed
 def assert_same_run(a, b, path_a, path_b):
     for model_a, model_b in (
         (a.unwrapped_policy, b.unwrapped_policy),
-        (a.unwrapped_critic, b.unwrapped_critic),
+        (a.critic.model, b.critic.model),
     ):
         pa, pb = params(model_a), params(model_b)
         assert pa.keys() == pb.keys()
@@ -80,14 +81,14 @@ def test_the_critic_process_takes_the_in_process_critics_steps_bit_for_bit(
     cfg = replace(BASE, **change)
     serial = run(tokenizer, tmp_path / "serial", cfg, critic_process=False)
     split = run(tokenizer, tmp_path / "split", cfg, critic_process=True)
-    assert split.critic_process is None  # closed
+    assert split.critic.worker is None  # closed
     assert_same_run(serial, split, tmp_path / "serial", tmp_path / "split")
     rows = history(tmp_path / "split")
     assert all(r["loss/value_avg"] > 0 and "val/clipfrac_avg" in r for r in rows)
     assert all(r["policy/early_stop"] == ("target_kl" in change) for r in rows)
     # the worker's steps reached the shared weights
-    start = params(make_trainer(tokenizer, tmp_path / "fresh").unwrapped_critic)
-    assert any(not torch.equal(v, start[k]) for k, v in params(split.unwrapped_critic).items())
+    start = params(make_trainer(tokenizer, tmp_path / "fresh").critic.model)
+    assert any(not torch.equal(v, start[k]) for k, v in params(split.critic.model).items())
 
 
 @pytest.mark.numerics
@@ -125,7 +126,7 @@ def test_an_unguarded_script_starts_the_worker_once_and_the_worker_exits_when_th
         import sys, time, torch
         from transformers import LlamaConfig, LlamaForSequenceClassification
         from rlhf.ppo.critic_process import CriticProcess
-        from rlhf.ppo.trainer import ValueHead
+        from rlhf.ppo.value_head import ValueHead
 
         config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                              num_attention_heads=2, num_labels=1)
@@ -192,7 +193,7 @@ def tiny_worker(tokenizer):
     from test_trainer import critic_from
 
     from rlhf.ppo.critic_process import CriticProcess
-    from rlhf.ppo.trainer import ValueHead
+    from rlhf.ppo.value_head import ValueHead
     from tests.helpers import tiny_llama
 
     critic = ValueHead(critic_from(tiny_llama(tokenizer)))
@@ -248,3 +249,41 @@ def test_messages_carry_tensors_by_value_and_shared_parts_as_they_are():
     assert torch.equal(back[0]["minibatches"][0]["mask"], stats["mask"])
     assert back[1].dtype == torch.bfloat16
     assert back[2] is state and back[2][0]["exp_avg"] is state[0]["exp_avg"]
+
+
+def test_a_lora_critic_trains_in_its_own_process_and_the_threads_come_back(tokenizer, tmp_path):
+    """LoRA adapters on the policy and the critic, the critic in its worker: only the critic's adapters and head move
+    (they live in shared memory), and this process's thread count is restored after every update."""
+    from peft import LoraConfig, get_peft_model
+    from test_trainer import critic_from
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.models.config import LoraConfig as LoraSettings
+    from rlhf.models.lora import apply_lora
+    from tests.helpers import ToyEnv, tiny_llama
+
+    base = tiny_llama(tokenizer)
+    critic = critic_from(base)
+    critic.save_pretrained(tmp_path / "critic_start")
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    cfg = replace(BASE, critic_process=True, total_episodes=32)
+    trainer = PPOTrainer(
+        cfg,
+        policy,
+        tokenizer,
+        ToyEnv,
+        output_dir=tmp_path / "out",
+        critic=apply_lora(critic, LoraSettings(r=4), "SEQ_CLS"),
+        seed=0,
+    )
+    threads = torch.get_num_threads()
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert torch.get_num_threads() == threads and trainer.update == 2
+    trainer.export(tmp_path / "final")
+    trained = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final" / "critic").state_dict()
+    start = AutoModelForSequenceClassification.from_pretrained(tmp_path / "critic_start").state_dict()
+    moved = {k for k in trained if not torch.equal(trained[k], start[k])}
+    assert moved and all("q_proj" in k or "v_proj" in k or k == "score.weight" for k in moved), moved

@@ -155,7 +155,7 @@ def worker(argv: list[str]) -> None:
     trainer.export(Path(args.output_dir) / "final")  # what the PPO stage writes for the user
     with gathered(acc, trainer.policy) as p:
         policy_digest = digest(p)
-    with gathered(acc, trainer.value_model) as v:
+    with gathered(acc, trainer.critic.module) as v:
         critic_digest = digest(v.model)
     out = {
         "rank": acc.process_index,
@@ -163,10 +163,10 @@ def worker(argv: list[str]) -> None:
         "chosen": str(chosen),
         "distributed_type": str(acc.distributed_type),
         "fsdp_version": fsdp_version(acc),
-        "prepared": [type(trainer.policy).__name__, type(trainer.value_model).__name__],
+        "prepared": [type(trainer.policy).__name__, type(trainer.critic.module).__name__],
         "local_numel": {
             "policy": local_numel(trainer.policy),
-            "critic": local_numel(trainer.unwrapped_critic),
+            "critic": local_numel(trainer.critic.model),
             "reference": local_numel(trainer.ref_policy),
             "reward": local_numel(trainer.reward_scorer.model),
         },

@@ -158,8 +158,8 @@ def test_the_trainer_stops_on_the_generation_config_ids_and_penalises_only_turns
         cfg, model, tokenizer, TwoTurnEnv, output_dir=tmp_path, ref_policy=copy.deepcopy(model), seed=0
     )
     assert trainer.stop_token_ids == {tokenizer.eos_token_id, stop}
-    ro = trainer._rollout()
-    _, total, _, _ = trainer._score(ro)
+    ro = trainer.rollout()
+    total = trainer.score(ro).scores
     stopped = ro.turn_eos[ro.turn_ends]
     assert stopped.any() and not stopped.all()
     missing = (ro.turn_ends & ~ro.turn_eos).sum(1).float()

@@ -19,9 +19,11 @@ from transformers import AutoModelForCausalLM, LlamaForSequenceClassification
 
 from rlhf.config import PPOConfig
 from rlhf.ppo.advantages import group_advantages
+from rlhf.ppo.callbacks import Callback
 from rlhf.ppo.checkpoint import CheckpointError, latest_checkpoint, read_resume_run_id
 from rlhf.ppo.rollout import EnvFailure
-from rlhf.ppo.trainer import PPOTrainer, train_episode_seed
+from rlhf.ppo.seeds import train_episode_seed
+from rlhf.ppo.trainer import PPOTrainer
 from tests.helpers import BrokenEnv, DialogueEnv, NanEnv, ToyEnv, free_port, tiny_llama
 
 BASE = PPOConfig(
@@ -58,7 +60,7 @@ def make_trainer(
     critic=True,
     reward_model=None,
     stage_key=None,
-    tracker=None,
+    callback=None,
 ):
     reference = tiny_llama(tokenizer, seed=0)  # the frozen SFT model: the same in every run
     policy = tiny_llama(tokenizer, seed=model_seed)
@@ -74,7 +76,7 @@ def make_trainer(
         seed=seed,
         run_id="run-abc",
         stage_key=stage_key,
-        tracker=tracker,
+        callback=callback,
     )
 
 
@@ -88,10 +90,10 @@ def history(path: Path) -> list[dict]:
 
 def test_updates_change_parameters_and_report_trl_metrics(tokenizer, tmp_path):
     trainer = make_trainer(tokenizer, tmp_path)
-    before_policy, before_critic = params(trainer.unwrapped_policy), params(trainer.unwrapped_critic)
+    before_policy, before_critic = params(trainer.unwrapped_policy), params(trainer.critic.model)
     metrics = trainer.train()
     assert trainer.update == 4 and trainer.episodes == 64
-    after_policy, after_critic = params(trainer.unwrapped_policy), params(trainer.unwrapped_critic)
+    after_policy, after_critic = params(trainer.unwrapped_policy), params(trainer.critic.model)
     assert any(not torch.equal(before_policy[k], after_policy[k]) for k in before_policy)
     assert any(not torch.equal(before_critic[k], after_critic[k]) for k in before_critic)
     for key in (
@@ -172,7 +174,7 @@ def test_resume_reproduces_an_uninterrupted_run(tokenizer, tmp_path):
 
     for a, b in (
         (straight.unwrapped_policy, second.unwrapped_policy),
-        (straight.unwrapped_critic, second.unwrapped_critic),
+        (straight.critic.model, second.critic.model),
     ):
         pa, pb = params(a), params(b)
         for k in pa:
@@ -240,31 +242,41 @@ def test_a_checkpoint_of_another_stage_key_is_not_resumed(tokenizer, tmp_path, c
     assert json.loads((latest_checkpoint(tmp_path) / "meta.json").read_text())["stage_key"] == "key-b"
 
 
-class RecordingTracker:
-    """Collects what the trainer logs: (step, metrics) per `log` call."""
+class Recorder(Callback):
+    """Keeps what the trainer reports: the resumed history, the updates and the start and end of `train`."""
 
     def __init__(self):
-        self.logged: list[tuple[int, dict]] = []
+        self.calls: list[tuple] = []
 
-    def log(self, metrics, step, console=True):
-        self.logged.append((step, metrics))
+    def on_resume(self, history):
+        self.calls.append(("resume", history))
 
-    def log_table(self, *args, **kwargs):
-        pass
+    def on_train_start(self, update, num_updates):
+        self.calls.append(("start", update, num_updates))
+
+    def on_update(self, update, metrics, rollout):
+        self.calls.append(("update", update, metrics, len(rollout)))
+
+    def on_train_end(self):
+        self.calls.append(("end",))
 
 
-def test_resume_replays_the_history_up_to_the_checkpoint_into_the_tracker(tokenizer, tmp_path):
-    """A killed process may not have flushed its W&B rows: the resumed trainer logs updates 1..k again (the tracker
-    drops those its run already holds), and only the updates it tracks (log_every)."""
+def test_resume_hands_the_history_up_to_the_checkpoint_to_the_callback(tokenizer, tmp_path):
+    """A killed process may not have flushed its W&B rows: the resumed trainer hands back the rows of updates 1..k
+    (the PPO stage replays those it tracks into W&B: tests/stages/test_ppo.py), then reports each update it runs."""
     cfg = replace(BASE, save_every=2, log_every=2, total_episodes=96)
     make_trainer(tokenizer, tmp_path, cfg).train(max_updates=5)  # checkpoint at 4, update 5 not checkpointed
-    tracker = RecordingTracker()
-    resumed = make_trainer(tokenizer, tmp_path, cfg, tracker=tracker)
-    assert resumed.resume() and resumed.update == 4
-    rows = {r["update"]: r for r in history(tmp_path)}
-    assert [step for step, _ in tracker.logged] == [2, 4]
-    for step, metrics in tracker.logged:
-        assert metrics == {k: v for k, v in rows[step].items() if k != "update"}
+    rows = history(tmp_path)[:4]
+    recorder = Recorder()
+    resumed = make_trainer(tokenizer, tmp_path, cfg, callback=recorder)
+    resumed.train()
+    assert resumed.update == 6
+    assert recorder.calls[0] == ("resume", rows)
+    assert recorder.calls[1] == ("start", 4, 6)
+    updates = [c for c in recorder.calls if c[0] == "update"]
+    assert [c[1] for c in updates] == [5, 6] and all(c[3] == cfg.batch_size for c in updates)
+    assert [{"update": c[1], **c[2]} for c in updates] == history(tmp_path)[4:]
+    assert recorder.calls[-1] == ("end",)
 
 
 def test_interrupted_save_leaves_previous_checkpoint(tokenizer, tmp_path, monkeypatch):
@@ -289,13 +301,13 @@ def test_interrupted_save_leaves_previous_checkpoint(tokenizer, tmp_path, monkey
 def test_group_advantages_train_without_a_critic(tokenizer, tmp_path, method):
     cfg = replace(BASE, advantage=method, num_generations=4, total_episodes=32)
     trainer = make_trainer(tokenizer, tmp_path, cfg, critic=False)
-    assert trainer.value_model is None
+    assert trainer.critic.model is None
     before = params(trainer.unwrapped_policy)
     metrics = trainer.train()
     after = params(trainer.unwrapped_policy)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert "loss/value_avg" not in metrics
-    ro = trainer._rollout()
+    ro = trainer.rollout()
     assert all(len(set(ro.queries[i : i + 4])) == 1 for i in range(0, len(ro), 4)), (
         "a group shares its prompt"
     )
@@ -331,8 +343,8 @@ def test_lora_reference_is_the_adapter_disabled_policy(tokenizer, tmp_path):
     )
     cfg = replace(BASE, advantage="rloo", num_generations=4, total_episodes=32)
     trainer = PPOTrainer(cfg, policy, tokenizer, ToyEnv, output_dir=tmp_path, seed=0)
-    ro = trainer._rollout()
-    ref = trainer._ref_logprobs(ro)
+    ro = trainer.rollout()
+    ref = trainer.ref_logprobs(ro)
     from rlhf.ppo.rollout import sequence_logprobs
 
     expected = sequence_logprobs(frozen_copy, ro.query_responses, ro.attention_mask, ro.context_length)
@@ -351,7 +363,7 @@ def test_reward_model_scores_the_last_token_of_each_episode(tokenizer, tmp_path)
     reward_model = critic_from(policy, seed=3)
     cfg = replace(BASE, reward_source="model", total_episodes=16)
     trainer = make_trainer(tokenizer, tmp_path, cfg, env=DialogueEnv, reward_model=reward_model)
-    ro = trainer._rollout()
+    ro = trainer.rollout()
     scores = trainer.reward_scorer.score(ro)
     eos = tokenizer.eos_token_id
     assert not ro.ended_with_eos[:, 2].all(), "some last replies should be cut at the length limit"
@@ -361,18 +373,18 @@ def test_reward_model_scores_the_last_token_of_each_episode(tokenizer, tmp_path)
         with torch.no_grad():
             expected = reward_model(input_ids=ids).logits[0, 0]  # HF's own pooling, no padding at all
         assert scores[i].item() == pytest.approx(expected.item(), abs=1e-5)
-    token_scores, total, _, _ = trainer._score(ro)
+    scored = trainer.score(ro)
     last = ro.action_mask.cumsum(1).argmax(1)
-    assert torch.allclose(token_scores[torch.arange(len(ro)), last], scores)
-    assert torch.allclose(total, scores)
+    assert torch.allclose(scored.token_scores[torch.arange(len(ro)), last], scores)
+    assert torch.allclose(scored.scores, scores)
+    assert torch.equal(scored.model_scores, scores)
 
 
 def test_missing_eos_penalty_hits_truncated_turns(tokenizer, tmp_path):
     cfg = replace(BASE, missing_eos_penalty=1.0, total_episodes=16)
     trainer = make_trainer(tokenizer, tmp_path, cfg, env=DialogueEnv)
-    trainer.policy_for_test = None
-    ro = trainer._rollout()
-    token_scores, total, _, _ = trainer._score(ro)
+    ro = trainer.rollout()
+    total = trainer.score(ro).scores
     missing = (ro.turn_ends & ~ro.turn_eos).sum(1).float()
     torch.testing.assert_close(total, ro.env_rewards - missing)
 
@@ -399,7 +411,7 @@ def test_two_processes_with_torchrun_share_one_global_batch(tmp_path):
             cfg = replace(BASE, total_episodes=32)
             t = PPOTrainer(cfg, policy, tok, ToyEnv, output_dir={str(tmp_path / "out")!r},
                            ref_policy=copy.deepcopy(policy), critic=critic_from(policy), accelerator=acc, seed=0)
-            ro = t._rollout()
+            ro = t.rollout()
             t.train()
             total = sum(p.double().sum().item() for p in t.unwrapped_policy.parameters())
             out = dict(rank=acc.process_index, n=acc.num_processes, local=len(t.envs), seeds=ro.seeds, total=total)
@@ -451,14 +463,14 @@ class SometimesSuccessEnv(ToyEnv):
 
 
 def capture_optimize(trainer, monkeypatch) -> dict:
-    """Replace step 6 by a recorder of the advantages it would have optimised."""
+    """Replace step 6 by a recorder of the batch it would have optimised."""
     seen = {}
 
-    def record(ro, advantages, *args):
-        seen["advantages"], seen["ro"] = advantages, ro
+    def record(batch, kl_coef, update):
+        seen["batch"] = batch
         return {}
 
-    monkeypatch.setattr(trainer, "_optimize", record)
+    monkeypatch.setattr(trainer.optimiser, "optimise", record)
     return seen
 
 
@@ -469,13 +481,13 @@ def test_group_advantages_normalise_the_score_alone_and_add_the_kl_per_token(
     cfg = replace(BASE, advantage=method, num_generations=4, total_episodes=16, kl_coef=0.5)
     trainer = make_trainer(tokenizer, tmp_path, cfg, critic=False, model_seed=1)  # policy != reference
     seen = capture_optimize(trainer, monkeypatch)
-    trainer.step()
-    ro = seen["ro"]
+    _, ro = trainer.step()
     mask = ro.action_mask
-    k1 = torch.where(mask, ro.logprobs - trainer._ref_logprobs(ro), 0.0)
+    k1 = torch.where(mask, ro.logprobs - trainer.ref_logprobs(ro), 0.0)
     assert k1.abs().sum() > 0.1
     expected = torch.where(mask, group_advantages(ro.env_rewards, 4, method)[:, None] - 0.5 * k1, 0.0)
-    torch.testing.assert_close(seen["advantages"], expected)
+    torch.testing.assert_close(seen["batch"].advantages, expected)
+    torch.testing.assert_close(seen["batch"].ref_logprobs, trainer.ref_logprobs(ro))
 
 
 def test_kl_in_loss_leaves_group_advantages_to_the_scores_and_adds_k3_to_the_loss(
@@ -498,7 +510,7 @@ def test_kl_in_loss_leaves_group_advantages_to_the_scores_and_adds_k3_to_the_los
     monkeypatch.setattr(trainer.acc, "backward", lambda loss: (losses.append(loss.item()), backward(loss)))
     metrics, ro = trainer.step()
     mask = ro.action_mask
-    ref = trainer._ref_logprobs(ro)
+    ref = trainer.ref_logprobs(ro)
     k3 = torch.where(mask, torch.expm1(ref - ro.logprobs) - (ref - ro.logprobs), 0.0)  # (B, R)
     # one minibatch, first of the update: the current policy is the rollout's, so the KL term is the rollout's k3
     assert metrics["loss/kl_avg"] == pytest.approx(k3[mask].mean().item(), rel=1e-4)
@@ -508,10 +520,9 @@ def test_kl_in_loss_leaves_group_advantages_to_the_scores_and_adds_k3_to_the_los
     # the advantages are the group advantages of the scores alone
     trainer = make_trainer(tokenizer, tmp_path / "b", cfg, critic=False, model_seed=1)
     seen = capture_optimize(trainer, monkeypatch)
-    trainer.step()
-    ro = seen["ro"]
+    _, ro = trainer.step()
     expected = torch.where(ro.action_mask, group_advantages(ro.env_rewards, 4, "grpo")[:, None], 0.0)
-    torch.testing.assert_close(seen["advantages"], expected)
+    torch.testing.assert_close(seen["batch"].advantages, expected)
 
 
 def test_kl_in_loss_pulls_the_policy_back_when_the_scores_carry_no_signal(tokenizer, tmp_path):
@@ -541,16 +552,16 @@ def test_kl_in_loss_pulls_the_policy_back_when_the_scores_carry_no_signal(tokeni
 
 
 def test_gae_with_kl_in_loss_rewards_the_score_alone(tokenizer, tmp_path, monkeypatch):
-    import rlhf.ppo.trainer as trainer_module
+    import rlhf.ppo.advantages as advantages_module
 
     seen = {}
 
     def recording_gae(rewards, values, mask, gamma, lam):
         seen["rewards"] = rewards.clone()
-        return trainer_module_gae(rewards, values, mask, gamma, lam)
+        return gae(rewards, values, mask, gamma, lam)
 
-    trainer_module_gae = trainer_module.gae
-    monkeypatch.setattr(trainer_module, "gae", recording_gae)
+    gae = advantages_module.gae
+    monkeypatch.setattr(advantages_module, "gae", recording_gae)
     cfg = replace(BASE, kl_in="loss", kl_estimator="k2", total_episodes=16, kl_coef=0.5)
     trainer = make_trainer(tokenizer, tmp_path, cfg, model_seed=1)
     metrics, ro = trainer.step()
@@ -578,22 +589,24 @@ def test_kl_estimator_and_placement_are_checked(tokenizer, tmp_path, change, mes
 def test_weight_decay_reaches_both_optimizers(tokenizer, tmp_path):
     trainer = make_trainer(tokenizer, tmp_path)
     assert PPOConfig().weight_decay == 0.0
-    for opt in (trainer.policy_opt, trainer.critic_opt):
+    for opt in (trainer.policy_opt, trainer.critic.optimizer):
         assert [g["weight_decay"] for g in opt.param_groups] == [0.0]
     trainer = make_trainer(tokenizer, tmp_path / "b", replace(BASE, weight_decay=0.1))
-    for opt in (trainer.policy_opt, trainer.critic_opt):
+    for opt in (trainer.policy_opt, trainer.critic.optimizer):
         assert [g["weight_decay"] for g in opt.param_groups] == [0.1]
 
 
 def test_nan_loss_stops_training_before_any_update(tokenizer, tmp_path, monkeypatch):
+    import rlhf.ppo.trainer as trainer_module
+
     trainer = make_trainer(tokenizer, tmp_path)
-    advantages = trainer._advantages
+    advantages_and_returns = trainer_module.advantages_and_returns
 
-    def nan_advantages(*args):
-        adv, ret = advantages(*args)
-        return adv.masked_fill(args[-1], float("nan")), ret
+    def nan_advantages(token_scores, kl_reward, values, mask, **settings):
+        adv, ret = advantages_and_returns(token_scores, kl_reward, values, mask, **settings)
+        return adv.masked_fill(mask, float("nan")), ret
 
-    monkeypatch.setattr(trainer, "_advantages", nan_advantages)
+    monkeypatch.setattr(trainer_module, "advantages_and_returns", nan_advantages)
     before = params(trainer.unwrapped_policy)
     with pytest.raises(
         FloatingPointError, match=r"PPO loss became nan at update 1 \(process 0 of 1\)"
@@ -679,7 +692,7 @@ def test_mixed_precision_trains_float32_weights_that_small_updates_move(
     total = sum(v.numel() for v in before.values())
     assert changed / total > 0.9, f"only {changed}/{total} weights changed"
     assert all(p.dtype == torch.float32 for p in trainer.unwrapped_policy.parameters())
-    assert all(p.dtype == torch.float32 for p in trainer.unwrapped_critic.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.critic.model.parameters())
     assert all(p.dtype == dtype for p in trainer.ref_policy.parameters())  # frozen: left as handed over
     state = trainer.policy_opt.state_dict()["state"]
     assert all(s["exp_avg"].dtype == torch.float32 for s in state.values())
@@ -694,28 +707,28 @@ def test_mixed_precision_trains_float32_weights_that_small_updates_move(
 
 def test_normalize_scores_standardises_episode_scores(tokenizer, tmp_path):
     trainer = make_trainer(tokenizer, tmp_path, replace(BASE, normalize_scores=True, total_episodes=16))
-    ro = trainer._rollout()
+    ro = trainer.rollout()
     assert ro.env_rewards.std() > 0
-    token_scores, scores, _, _ = trainer._score(ro)
+    scored = trainer.score(ro)
     raw = ro.env_rewards
     expected = (raw - raw.mean()) / raw.std(unbiased=False)  # the running moments hold this batch alone
-    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(token_scores.sum(1), scores)
+    torch.testing.assert_close(scored.scores, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scored.token_scores.sum(1), scored.scores)
     assert trainer.score_moments.count == 16
 
 
 def test_whiten_rewards_whitens_the_rewards_gae_sees(tokenizer, tmp_path, monkeypatch):
-    import rlhf.ppo.trainer as trainer_module
+    import rlhf.ppo.advantages as advantages_module
     from rlhf.ppo.ops import masked_whiten
 
-    gae = trainer_module.gae
+    gae = advantages_module.gae
     seen = []
 
     def recording_gae(rewards, values, mask, gamma, lam):
         seen.append((rewards.clone(), mask.clone()))
         return gae(rewards, values, mask, gamma, lam)
 
-    monkeypatch.setattr(trainer_module, "gae", recording_gae)
+    monkeypatch.setattr(advantages_module, "gae", recording_gae)
     for whiten in (False, True):  # same seeds and models: the same rollout
         make_trainer(tokenizer, tmp_path / str(whiten), replace(BASE, whiten_rewards=whiten)).step()
     (plain, mask), (whitened, mask2) = seen
@@ -741,9 +754,11 @@ def test_ent_coef_adds_an_entropy_bonus_to_the_loss(tokenizer, tmp_path, monkeyp
     cfg = replace(BASE, advantage="grpo", num_generations=4, total_episodes=16, ent_coef=ent_coef)
     trainer = make_trainer(tokenizer, tmp_path, cfg, critic=False)
     losses, outs = [], []
-    backward, minibatch_step = trainer.acc.backward, trainer._minibatch_step
+    backward, minibatch_step = trainer.acc.backward, trainer.optimiser.minibatch_step
     monkeypatch.setattr(trainer.acc, "backward", lambda loss: (losses.append(loss.item()), backward(loss)))
-    monkeypatch.setattr(trainer, "_minibatch_step", lambda *a: outs.append(minibatch_step(*a)) or outs[-1])
+    monkeypatch.setattr(
+        trainer.optimiser, "minibatch_step", lambda *a, **k: outs.append(minibatch_step(*a, **k)) or outs[-1]
+    )
     trainer.step()
     assert len(losses) == len(outs) == cfg.num_ppo_epochs * cfg.num_mini_batches
     for loss, out in zip(losses, outs):
@@ -759,8 +774,10 @@ def test_target_kl_stops_the_epochs_early(
     cfg = replace(BASE, num_ppo_epochs=4, target_kl=target_kl, total_episodes=16)
     trainer = make_trainer(tokenizer, tmp_path, cfg)
     calls = []
-    minibatch_step = trainer._minibatch_step
-    monkeypatch.setattr(trainer, "_minibatch_step", lambda *a: calls.append(1) or minibatch_step(*a))
+    minibatch_step = trainer.optimiser.minibatch_step
+    monkeypatch.setattr(
+        trainer.optimiser, "minibatch_step", lambda *a, **k: calls.append(1) or minibatch_step(*a, **k)
+    )
     metrics, _ = trainer.step()
     assert metrics["policy/early_stop"] == early_stop
     assert len(calls) == epochs_run * cfg.num_mini_batches
@@ -773,11 +790,11 @@ def test_reward_source_both_adds_the_weighted_parts(tokenizer, tmp_path):
         BASE, reward_source="both", env_reward_weight=0.3, model_reward_weight=2.0, total_episodes=16
     )
     trainer = make_trainer(tokenizer, tmp_path, cfg, env=DialogueEnv, reward_model=reward_model)
-    ro = trainer._rollout()
-    token_scores, scores, model_scores, _ = trainer._score(ro)
-    assert ro.env_rewards.abs().sum() > 0 and model_scores.abs().sum() > 0
-    torch.testing.assert_close(scores, 0.3 * ro.env_rewards + 2.0 * model_scores)
-    torch.testing.assert_close(token_scores.sum(1), scores)
+    ro = trainer.rollout()
+    scored = trainer.score(ro)
+    assert ro.env_rewards.abs().sum() > 0 and scored.model_scores.abs().sum() > 0
+    torch.testing.assert_close(scored.scores, 0.3 * ro.env_rewards + 2.0 * scored.model_scores)
+    torch.testing.assert_close(scored.token_scores.sum(1), scored.scores)
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.5])
@@ -796,14 +813,14 @@ def test_the_sampler_mismatch_is_logged_near_zero_and_shows_a_gap_between_sample
     metrics, _ = trainer.step()
     assert metrics["rollout/logprob_mismatch"] < 1e-5 and abs(metrics["rollout/logprob_mismatch_kl"]) < 1e-8
 
-    rollout = trainer._rollout
+    rollout = trainer.rollout
 
     def shifted():  # a sampler that computes another distribution: every sampled token 0.1 nats likelier
         ro = rollout()
         ro.logprobs = torch.where(ro.action_mask, ro.logprobs + 0.1, ro.logprobs)
         return ro
 
-    monkeypatch.setattr(trainer, "_rollout", shifted)
+    monkeypatch.setattr(trainer, "rollout", shifted)
     metrics, _ = trainer.step()
     assert metrics["rollout/logprob_mismatch"] == pytest.approx(0.1, abs=1e-4)
     assert metrics["rollout/logprob_mismatch_kl"] == pytest.approx(math.expm1(-0.1) + 0.1, rel=1e-3)

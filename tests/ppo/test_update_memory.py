@@ -30,7 +30,7 @@ def test_micro_batches_take_the_same_step_as_the_whole_minibatch(tokenizer, tmp_
             critic=advantage == "gae",
         )
         metrics = trainer.train(max_updates=1)
-        critic = trainer.unwrapped_critic
+        critic = trainer.critic.model
         runs[micro] = metrics, params(trainer.unwrapped_policy), critic and params(critic)
     (whole, policy, critic), (micro, policy_m, critic_m) = runs[None], runs[3]
     moved = max((policy[k] - tiny_llama(tokenizer).state_dict()[k]).abs().max() for k in policy)

@@ -12,7 +12,7 @@ import torch
 from rlhf.cli import compose
 from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.models.tiny import prepare_base_model
-from rlhf.ppo.trainer import EVAL_SEED_OFFSET, SEED_SPACE, train_episode_seed
+from rlhf.ppo.seeds import EVAL_SEED_OFFSET, SEED_SPACE, train_episode_seed
 from rlhf.stages import evaluate
 from rlhf.stages.base import StageContext, StageResult
 from rlhf.tracking.wandb_run import null_tracker
