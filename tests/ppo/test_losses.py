@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from rlhf.ppo.losses import kl_loss, policy_loss, value_loss
+from rlhf.ppo.losses import kl_loss, policy_loss, ppo_loss, value_loss
+from rlhf.ppo.ops import masked_mean
 
 
 def policy_reference(logp, old, adv, mask, c) -> tuple[float, float, float, float]:
@@ -236,3 +237,41 @@ def test_kl_loss_gradient_is_k3s_and_zero_on_masked_positions() -> None:
     expected = torch.where(mask, (1 - torch.exp(ref - logp)) / n, 0.0)
     torch.testing.assert_close(dirty_logp.grad, expected)
     assert kl_loss(ref.clone(), ref, mask, "k3").item() == 0.0  # the reference itself: no penalty
+
+
+def test_ppo_loss_is_the_sum_of_its_terms_and_reports_them_under_trl_names():
+    torch.manual_seed(0)
+    B, T = 4, 6
+    logprobs = torch.randn(B, T, requires_grad=True)
+    entropy, old, adv, ref = torch.rand(B, T), torch.randn(B, T), torch.randn(B, T), torch.randn(B, T)
+    values, old_values, returns = torch.randn(B, T, requires_grad=True), torch.randn(B, T), torch.randn(B, T)
+    mask = torch.rand(B, T) > 0.3
+    loss, stats = ppo_loss(
+        logprobs, entropy, old, adv, mask, cliprange=0.2, ent_coef=0.1, ref_logprobs=ref, kl_coef=0.5,
+        kl_estimator="k3", values=values, old_values=old_values, returns=returns, cliprange_value=0.2, vf_coef=0.1,
+    )  # fmt: skip
+    pg, _ = policy_loss(logprobs, old, adv, mask, 0.2)
+    vf, _ = value_loss(values, old_values, returns, mask, 0.2)
+    expected = pg - 0.1 * masked_mean(entropy, mask) + 0.5 * kl_loss(logprobs, ref, mask, "k3") + 0.1 * vf
+    torch.testing.assert_close(loss, expected)
+    assert {
+        "loss/policy_avg",
+        "policy/approxkl_avg",
+        "policy/clipfrac_avg",
+        "policy/entropy_avg",
+        "val/ratio",
+    } | {"loss/kl_avg", "loss/value_avg", "val/clipfrac_avg"} == set(stats)
+    alone, alone_stats = ppo_loss(logprobs, entropy, old, adv, mask, cliprange=0.2)  # the policy's terms only
+    torch.testing.assert_close(alone, pg)
+    assert "loss/kl_avg" not in alone_stats and "loss/value_avg" not in alone_stats
+
+
+def test_a_batch_selects_every_tensor_alike():
+    from rlhf.ppo.batch import Batch
+
+    t = torch.arange(12).reshape(4, 3)
+    batch = Batch(t, t + 1, t > 5, t * 1.0, t * 2.0, t * 3.0, t * 4.0, t * 5.0, context_length=1)
+    part = batch.select(torch.tensor([2, 0]))
+    assert len(part) == 2 and part.context_length == 1
+    assert torch.equal(part.returns, (t * 5.0)[[2, 0]]) and torch.equal(part.action_mask, (t > 5)[[2, 0]])
+    assert torch.equal(batch.select(slice(1, 3)).query_responses, t[1:3])
