@@ -14,7 +14,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import measure
@@ -27,9 +26,6 @@ def train_side(model: Path, updates: int, threads: int, critic_process: bool) ->
     """One side in this process: `updates` timed updates, the critic in-process or in its own."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    import envs
-    from rlhf.ppo.trainer import PPOTrainer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -46,24 +42,12 @@ def train_side(model: Path, updates: int, threads: int, critic_process: bool) ->
         response_length=16,
         critic_process=critic_process,
     )
-    with tempfile.TemporaryDirectory() as out:
-        trainer = PPOTrainer(
-            cfg,
-            policy,
-            tokenizer,
-            lambda: envs.make("rlhf/Review-v1"),
-            output_dir=out,
-            ref_policy=ref,
-            critic=critic,
-        )
-        laps = ppo_run.timed_updates(trainer, updates)
-        trainer.close()
+    laps = ppo_run.timed_run(cfg, policy, tokenizer, "rlhf/Review-v1", updates, ref_policy=ref, critic=critic)
     steady = laps[1:]  # the first update is warm-up
-    phases = [ppo_run.phases(lap.value) for lap in steady]
     return {
         "critic_process": critic_process,
         "s_per_update": statistics.mean(lap.wall_s for lap in steady),
-        "phases_s": {k: statistics.mean(p[k] for p in phases) for k in phases[0]},
+        "phases_s": ppo_run.phases(steady),
     }
 
 

@@ -35,7 +35,7 @@ def policy_for(env: gymnasium.Env) -> Callable[[gymnasium.Env], object]:
 def steps_per_second(env: gymnasium.Env, seconds: float, seed_every_episode: bool) -> tuple[float, float]:
     """(steps/s, episodes/s) over at least `seconds` of reset-and-roll episodes.
 
-    seed_every_episode: reset(seed=i) for episode i (re-seeding costs ~40 us: numpy builds a new
+    seed_every_episode: reset(seed=i) for episode i (re-seeding has its own cost: numpy builds a new
     generator); else reset(seed=0) once and plain reset() after, as a trainer drawing prompts does.
     """
     act = policy_for(env)

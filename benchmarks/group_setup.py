@@ -90,7 +90,7 @@ def prompt_dataset(setup: GroupSetup, updates: int):
     from datasets import Dataset
 
     import envs
-    from rlhf.ppo.trainer import train_episode_seed
+    from rlhf.ppo.seeds import train_episode_seed
 
     env = envs.make(setup.env_id)
     seeds = [train_episode_seed(setup.seed, i) for i in range(updates * setup.num_prompts)]

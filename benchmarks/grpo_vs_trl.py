@@ -43,7 +43,7 @@ def run_ours(model_dir: Path, setup: group_setup.GroupSetup, updates: int, warmu
         trainer = group_setup.build_ours(model_dir, setup, cfg, Path(out))
         laps = ppo_run.timed_updates(trainer, updates)
     steady = laps[warmup:]
-    phases = {k: statistics.mean(lap.value[k] for lap in steady) for k in ppo_run.phases(steady[0].value)}
+    phases = ppo_run.phases(steady)
     return _result(
         "ours",
         setup,

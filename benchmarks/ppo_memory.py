@@ -12,7 +12,6 @@ import argparse
 import gc
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from accelerate import Accelerator
 
-    import envs
     from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer
-    from rlhf.ppo.trainer import PPOTrainer
 
     conf = MEMORY_CONFIGS[spec["config"]]
     model = Path(spec["model"])
@@ -68,21 +65,18 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         console_every=0,
     )
     accelerator = Accelerator(cpu=True, mixed_precision="bf16" if dtype == "bfloat16" else "no")
-    with tempfile.TemporaryDirectory(prefix="real_model_mem_") as tmp:
-        trainer = PPOTrainer(
-            cfg,
-            policy,
-            tokenizer,
-            lambda: envs.make(ENV_ID),
-            output_dir=tmp,
-            ref_policy=reference,
-            reward_model=reward_model,
-            critic=critic,
-            accelerator=accelerator,
-            seed=spec["seed"],
-        )
-        laps = ppo_run.timed_updates(trainer, spec["mem_updates"])
-    metrics = laps[-1].value
+    laps = ppo_run.timed_run(
+        cfg,
+        policy,
+        tokenizer,
+        ENV_ID,
+        spec["mem_updates"],
+        ref_policy=reference,
+        reward_model=reward_model,
+        critic=critic,
+        accelerator=accelerator,
+        seed=spec["seed"],
+    )
     return {
         "config": spec["config"],
         "lora": conf["lora"],
@@ -94,8 +88,8 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mib": peak_rss_mib(),
         "load_s": load_s,
         "update_s": [lap.wall_s for lap in laps],
-        "phases_s": ppo_run.phases(metrics),
-        "response_length": metrics.get("rollout/response_length"),
+        "phases_s": ppo_run.phases(laps[-1:]),
+        "response_length": laps[-1].value.get("rollout/response_length"),
     }
 
 

@@ -1,8 +1,11 @@
 """Our PPOTrainer as the throughput and memory benchmarks run it: the settings of a timed run, the tiny setup's four
-models, and the updates timed one by one."""
+models, the updates timed one by one, and their phase timings."""
 
 from __future__ import annotations
 
+import statistics
+import tempfile
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import measure
@@ -40,6 +43,25 @@ def timed_updates(trainer, updates: int) -> list[measure.Lap]:
     return [measure.timed(lambda: trainer.train(max_updates=1))[0] for _ in range(updates)]
 
 
-def phases(metrics: dict[str, float]) -> dict[str, float]:
-    """The trainer's phase timings of one update (`time/rollout`, `time/score`, `time/update`, ...)."""
-    return {k: v for k, v in metrics.items() if k.startswith("time/")}
+def timed_run(cfg, policy, tokenizer, env_id: str, updates: int, **trainer_args: Any) -> list[measure.Lap]:
+    """A PPOTrainer of `cfg` on `env_id`'s environment, its output in a temporary directory, `updates` timed
+    updates (`timed_updates`), then closed (its critic process, if any, stopped). `trainer_args`: the trainer's
+    keyword arguments (ref_policy, reward_model, critic, accelerator, seed)."""
+    import envs
+    from rlhf.ppo.trainer import PPOTrainer
+
+    with tempfile.TemporaryDirectory(prefix="bench_ppo_") as out:
+        trainer = PPOTrainer(
+            cfg, policy, tokenizer, lambda: envs.make(env_id), output_dir=out, **trainer_args
+        )
+        try:
+            return timed_updates(trainer, updates)
+        finally:
+            trainer.close()
+
+
+def phases(laps: Iterable[measure.Lap], average: Callable = statistics.mean) -> dict[str, float]:
+    """The trainer's phase timings (`time/rollout`, `time/score`, `time/update`, ...) averaged over the updates of
+    `laps`."""
+    rows = [{k: v for k, v in lap.value.items() if k.startswith("time/")} for lap in laps]
+    return {k: average(row[k] for row in rows) for k in rows[0]}

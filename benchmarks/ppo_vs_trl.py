@@ -64,9 +64,7 @@ def run_ours(
     import torch
     from transformers import LlamaConfig
 
-    import envs
     from rlhf.models.tokenizer import build_tokenizer
-    from rlhf.ppo.trainer import PPOTrainer
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -81,21 +79,10 @@ def run_ours(
         num_mini_batches=mini_batches,
         critic_process=critic_process,
     )
-    trainer = PPOTrainer(
-        cfg,
-        policy,
-        tokenizer,
-        lambda: envs.make(ENV_ID),
-        output_dir=workdir / "ours",
-        ref_policy=ref,
-        reward_model=reward,
-        critic=critic,
-        seed=seed,
+    laps = ppo_run.timed_run(
+        cfg, policy, tokenizer, ENV_ID, updates, ref_policy=ref, reward_model=reward, critic=critic, seed=seed
     )
-    laps = ppo_run.timed_updates(trainer, updates)
-    trainer.close()
     steady = laps[1:]  # the first update is warm-up
-    phases = [ppo_run.phases(lap.value) for lap in steady]
     s_per_update = statistics.mean(lap.wall_s for lap in steady)
     return {
         "side": "ours (rlhf.ppo.trainer.PPOTrainer)",
@@ -107,7 +94,7 @@ def run_ours(
         "total_s": sum(lap.wall_s for lap in laps),
         "peak_rss_mb": measure.peak_rss_mib(),
         "threads": threads,  # with the critic process: the two processes' threads together
-        "phases_s": {k: statistics.mean(p[k] for p in phases) for k in phases[0]},  # rollout, score, update
+        "phases_s": ppo_run.phases(steady),  # rollout, score, update
     }
 
 

@@ -29,7 +29,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,6 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     from rlhf.models.config import ModelConfig
     from rlhf.models.tiny import build_tiny_model
     from rlhf.models.tokenizer import build_tokenizer
-    from rlhf.ppo.trainer import PPOTrainer
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(spec["threads"])
@@ -80,25 +78,22 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         console_every=0,
         **extra,
     )
-    with tempfile.TemporaryDirectory(prefix="scaling_") as tmp:
-        trainer = PPOTrainer(
-            cfg,
-            policy,
-            tokenizer,
-            lambda: envs.make(ENV_ID),
-            output_dir=tmp,
-            ref_policy=ref,
-            reward_model=reward,
-            critic=critic,
-            seed=spec["seed"],
-        )
-        laps = ppo_run.timed_updates(trainer, spec["updates"])
+    laps = ppo_run.timed_run(
+        cfg,
+        policy,
+        tokenizer,
+        ENV_ID,
+        spec["updates"],
+        ref_policy=ref,
+        reward_model=reward,
+        critic=critic,
+        seed=spec["seed"],
+    )
     steady = laps[1:] or laps  # the first update is warm-up
-    steady_phases = [ppo_run.phases(lap.value) for lap in steady]
     return {
         **spec,
         "s_per_update": statistics.median(lap.wall_s for lap in steady),
-        "phases_s": {k: statistics.median(p[k] for p in steady_phases) for k in steady_phases[0]},
+        "phases_s": ppo_run.phases(steady, statistics.median),
         "response_tokens": statistics.mean(lap.value["rollout/response_length"] for lap in laps),
         "rss_models_mib": rss_models,
         "peak_rss_mib": measure.peak_rss_mib(),

@@ -107,28 +107,27 @@ def make_update_batch(vocab: int, batch: int, prompt_len: int, response_len: int
 
 
 def policy_minibatch_loss(model, data: UpdateBatch, bf16: bool, lm_head):
-    """The policy's loss of one minibatch as `PPOTrainer._micro_loss` computes it with the defaults this benchmark
-    times (ent_coef 0, KL in the reward, temperature 1, cliprange 0.2, no critic): a copy of the trainer's code,
-    kept in this one function until rlhf/ppo/losses.py holds that loss as a pure function to call instead."""
+    """The policy's loss of one minibatch as the trainer computes it (`rlhf.ppo.optimise`): the forward of
+    `rollout.response_logprobs`, then `losses.ppo_loss` with the settings this benchmark times (cliprange 0.2,
+    ent_coef 0, KL in the reward, temperature 1, no critic)."""
     import torch
 
-    from rlhf.ppo.losses import policy_loss
-    from rlhf.ppo.ops import masked_mean
+    from rlhf.ppo.losses import ppo_loss
     from rlhf.ppo.rollout import response_logprobs
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logprobs, entropy = response_logprobs(
             model, data.query_responses, data.attention_mask, data.context_length, 1.0, lm_head
         )  # (b, R), (b, R) float32
-    loss, _ = policy_loss(logprobs, data.old_logprobs, data.advantages, data.action_mask, 0.2)
-    masked_mean(entropy.detach(), data.action_mask)  # the trainer's statistic
+    loss, _ = ppo_loss(logprobs, entropy, data.old_logprobs, data.advantages, data.action_mask, cliprange=0.2)
     return loss
 
 
 def make_update_step(model, data: UpdateBatch, bf16: bool, head: str) -> Callable[[], None]:
-    """One PPO minibatch step of the policy, as `PPOTrainer` does it for the policy (its minibatch loss + the step
-    of `_minibatch_step`, one micro-batch). head: fused (the trainer's path: the LM head applied a chunk of response
-    tokens at a time by `rollout.response_logprobs`) | full (full (b, R, V) logits, the path without a plain head)."""
+    """One PPO minibatch step of the policy, as `PPOTrainer` does it for the policy (its minibatch loss, backward,
+    gradient clipping and AdamW step; one micro-batch). head: fused (the trainer's path: the LM head applied a chunk
+    of response tokens at a time by `rollout.response_logprobs`) | full (full (b, R, V) logits, the path without a
+    plain head)."""
     import torch
 
     from rlhf.ppo.rollout import output_head
