@@ -60,7 +60,7 @@ from rlhf.ppo.optim import adamw, linear_decay, upcast_trainable
 from rlhf.ppo.optimise import Optimiser
 from rlhf.ppo.rollout import EnvFailure, Rollout, output_head, rollout, sequence_logprobs
 from rlhf.ppo.scoring import RunningMoments, score
-from rlhf.ppo.seeds import rollout_seeds, train_episode_seed  # noqa: F401  (benchmarks/common.py imports it here)
+from rlhf.ppo.seeds import rollout_seeds
 from rlhf.ppo.sharding import full_state_dict, gathered, shard_frozen
 from rlhf.rewards import Component, build_rubric
 from rlhf.rewards.reward_model import RewardScorer
