@@ -13,11 +13,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from rlhf.common.fields import one_of
+from rlhf.common.stage_names import STAGES
 from rlhf.models.config import DEVICES, ModelConfig
 from rlhf.ppo.config import PPOConfig
-
-STAGES = ("sft", "reward", "ppo", "evaluate")
-"""Stage names in pipeline order; what each one is lives in the registry, `rlhf.stages.REGISTRY`."""
 
 
 @dataclass

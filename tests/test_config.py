@@ -9,7 +9,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from rlhf.cli import CONF_DIR, compose
-from rlhf.config import STAGES, RLHFConfig
+from rlhf.common.stage_names import STAGES
+from rlhf.config import RLHFConfig
 from rlhf.run.pipeline import InputError, run
 from rlhf.run.validation import select_stages, validate
 

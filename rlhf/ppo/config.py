@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rlhf.common.fields import one_of
+from rlhf.common.fields import at_least, check_choices, fraction, one_of, positive
 
 if TYPE_CHECKING:
     from torch import nn
@@ -117,45 +117,17 @@ class PPOConfig:
     between the two while it works, at least one each. CPU, single-process runs with ppo.advantage=gae."""
 
 
-def _check_choices(p: Any) -> None:
-    for f in fields(PPOConfig):
-        allowed = f.metadata.get("choices")
-        value = getattr(p, f.name)
-        if allowed is not None and value not in allowed:
-            raise ValueError(f"ppo.{f.name}={value!r} is not one of {', '.join(allowed)}")
-
-
-def _at_least(p: Any, minimum: float, *names: str) -> None:
-    for name in names:
-        value = getattr(p, name)
-        if value is not None and not value >= minimum:  # `not >=` also refuses NaN
-            raise ValueError(f"ppo.{name}={value} must be >= {minimum}")
-
-
-def _positive(p: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(p, name)
-        if value is not None and not value > 0:
-            raise ValueError(f"ppo.{name}={value} must be > 0")
-
-
-def _fraction(p: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(p, name)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"ppo.{name}={value} must be in [0, 1]")
-
-
 def check_ppo(p: Any, num_processes: int = 1) -> None:
     """PPO settings (`ppo.*`) on `num_processes` data-parallel processes: any object with PPOConfig's fields."""
-    _check_choices(p)
-    _positive(p, "learning_rate", "critic_learning_rate", "temperature", "cliprange", "cliprange_value")
-    _positive(p, "max_grad_norm", "kl_target", "target_kl")
-    _at_least(p, 1, "batch_size", "total_episodes", "response_length", "num_ppo_epochs")
-    _at_least(p, 1, "num_mini_batches", "num_generations", "forward_batch_size", "micro_batch_size")
-    _at_least(p, 1, "kl_horizon")
-    _at_least(
+    check_choices(p, PPOConfig, "ppo.")
+    positive(p, "ppo", "learning_rate", "critic_learning_rate", "temperature", "cliprange", "cliprange_value")
+    positive(p, "ppo", "max_grad_norm", "kl_target", "target_kl")
+    at_least(p, "ppo", 1, "batch_size", "total_episodes", "response_length", "num_ppo_epochs")
+    at_least(p, "ppo", 1, "num_mini_batches", "num_generations", "forward_batch_size", "micro_batch_size")
+    at_least(p, "ppo", 1, "kl_horizon")
+    at_least(
         p,
+        "ppo",
         0,
         "kl_coef",
         "vf_coef",
@@ -165,7 +137,7 @@ def check_ppo(p: Any, num_processes: int = 1) -> None:
         "console_every",
         "samples_every",
     )
-    _fraction(p, "gamma", "lam")
+    fraction(p, "ppo", "gamma", "lam")
     if p.batch_size % num_processes:
         raise ValueError(f"ppo.batch_size={p.batch_size} must be divisible by the {num_processes} processes")
     local = p.batch_size // num_processes

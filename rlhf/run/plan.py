@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import STAGES, RLHFConfig
+from rlhf.common.stage_names import STAGES
+from rlhf.config import RLHFConfig
 from rlhf.run.stage_keys import StageKey, changes, stage_keys
 from rlhf.run.summary import SUMMARY
 from rlhf.stages import BASE, REGISTRY

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf.config import STAGES
+from rlhf.common.stage_names import STAGES
 from rlhf.tracking.wandb_run import plain_scalar
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ SUMMARY = "summary.json"
 
 
 def in_pipeline_order(stages: Iterable[str]) -> list[str]:
-    """Stage names in pipeline order (`rlhf.config.STAGES`), unknown ones last, sorted."""
+    """Stage names in pipeline order (`rlhf.common.stage_names.STAGES`), unknown ones last, sorted."""
     names = set(stages)
     return [name for name in STAGES if name in names] + sorted(names - set(STAGES))
 

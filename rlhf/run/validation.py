@@ -12,11 +12,12 @@ Adding a field: an enum-like one needs only `one_of(...)` in `rlhf/config.py`; a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_type_hints
+from typing import TYPE_CHECKING, Any
 
-from rlhf.config import STAGES, RLHFConfig
+from rlhf.common.fields import at_least, check_choices, fraction, positive
+from rlhf.common.stage_names import STAGES
+from rlhf.config import RLHFConfig
 from rlhf.ppo.config import check_ppo
 
 if TYPE_CHECKING:
@@ -52,18 +53,6 @@ def check_missing(cfg: Any) -> None:
             )
 
 
-def check_choices(node: Any, schema: type, prefix: str = "") -> None:
-    """Every `one_of` field of `schema` (and of its nested schemas) in `node` holds one of its allowed values."""
-    hints = get_type_hints(schema)
-    for f in fields(schema):
-        value = getattr(node, f.name)
-        allowed = f.metadata.get("choices")
-        if allowed is not None and value not in allowed:
-            raise ValueError(f"{prefix}{f.name}={value!r} is not one of {', '.join(allowed)}")
-        if is_dataclass(hints[f.name]) and value is not None:
-            check_choices(value, hints[f.name], f"{prefix}{f.name}.")
-
-
 def select_stages(cfg: RLHFConfig) -> list[str]:
     """`cfg.stages` checked and put in pipeline order."""
     stages = list(cfg.stages)
@@ -75,35 +64,14 @@ def select_stages(cfg: RLHFConfig) -> list[str]:
     return [s for s in STAGES if s in stages]
 
 
-def _at_least(node: Any, prefix: str, minimum: float, *names: str) -> None:
-    for name in names:
-        value = getattr(node, name)
-        if value is not None and not value >= minimum:  # `not >=` also refuses NaN
-            raise ValueError(f"{prefix}.{name}={value} must be >= {minimum}")
-
-
-def _positive(node: Any, prefix: str, *names: str) -> None:
-    for name in names:
-        value = getattr(node, name)
-        if value is not None and not value > 0:
-            raise ValueError(f"{prefix}.{name}={value} must be > 0")
-
-
-def _fraction(node: Any, prefix: str, *names: str, closed: bool = True) -> None:
-    for name in names:
-        value = getattr(node, name)
-        if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
-            raise ValueError(f"{prefix}.{name}={value} must be in [0, 1{']' if closed else ')'}")
-
-
 # ---------------------------------------------------------------------------------------------------- sections
 
 
 def check_numbers(cfg: RLHFConfig, stages: list[str]) -> None:
     """Ranges of the single-valued settings of every section but ppo (`check_ppo`)."""
     m = cfg.model
-    _at_least(m, "model", 1, "hidden_size", "num_layers", "num_heads", "intermediate_size")
-    _at_least(m, "model", 1, "max_position_embeddings")
+    at_least(m, "model", 1, "hidden_size", "num_layers", "num_heads", "intermediate_size")
+    at_least(m, "model", 1, "max_position_embeddings")
     if not m.name_or_path and m.hidden_size % m.num_heads:
         raise ValueError(
             f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}"
@@ -113,29 +81,29 @@ def check_numbers(cfg: RLHFConfig, stages: list[str]) -> None:
             f"model.hidden_size / model.num_heads = {m.hidden_size // m.num_heads} must be even (rotary position "
             "embeddings rotate pairs of dimensions); change either"
         )
-    _at_least(m.lora, "model.lora", 0, "r")
-    _positive(m.lora, "model.lora", "alpha")
-    _fraction(m.lora, "model.lora", "dropout", closed=False)
+    at_least(m.lora, "model.lora", 0, "r")
+    positive(m.lora, "model.lora", "alpha")
+    fraction(m.lora, "model.lora", "dropout", closed=False)
     if m.lora.r > 0 and not m.lora.target_modules:
         raise ValueError(
             "model.lora.target_modules is empty; name the modules that get adapters, or set model.lora.r=0"
         )
-    _fraction(cfg.task, "task", "eval_fraction", closed=False)
+    fraction(cfg.task, "task", "eval_fraction", closed=False)
     for stage, section, count in (
         ("sft", cfg.sft, "num_demonstrations"),
         ("reward", cfg.reward, "num_preferences"),
     ):
-        _positive(section, stage, "learning_rate", "num_train_epochs")
-        _at_least(section, stage, 1, "per_device_train_batch_size", "max_length", "logging_steps")
+        positive(section, stage, "learning_rate", "num_train_epochs")
+        at_least(section, stage, 1, "per_device_train_batch_size", "max_length", "logging_steps")
         n = getattr(cfg.task, count)
         if stage in stages and not section.dataset:
-            _at_least(cfg.task, "task", 1, count)
+            at_least(cfg.task, "task", 1, count)
             if round(n * cfg.task.eval_fraction) >= n:
                 raise ValueError(
                     f"task.eval_fraction={cfg.task.eval_fraction} holds out all {n} of task.{count}; lower it"
                 )
-    _at_least(cfg.evaluate, "evaluate", 1, "num_prompts", "batch_size")
-    _at_least(cfg.evaluate, "evaluate", 0, "temperature", "num_samples")
+    at_least(cfg.evaluate, "evaluate", 1, "num_prompts", "batch_size")
+    at_least(cfg.evaluate, "evaluate", 0, "temperature", "num_samples")
     if cfg.num_threads < 0:
         raise ValueError(f"num_threads={cfg.num_threads} must be >= 0 (0 = automatic)")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf.config import STAGES
+from rlhf.common.stage_names import STAGES
 
 if TYPE_CHECKING:
     from rlhf.stages.base import StageContext, StageResult
@@ -137,4 +137,6 @@ REGISTRY: dict[str, Stage] = {
         reads=_evaluate_reads,
     ),
 }
-assert tuple(REGISTRY) == STAGES, "the registry lists every stage of rlhf.config.STAGES, in pipeline order"
+assert tuple(REGISTRY) == STAGES, (
+    "the registry lists every stage of rlhf.common.stage_names.STAGES, in pipeline order"
+)
