@@ -11,24 +11,21 @@ import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from rlhf.cli import compose
-from rlhf.config import PPOConfig
 from rlhf.models.tokenizer import build_tokenizer
 from rlhf.ppo.trainer import PPOTrainer
 from rlhf.rewards import build_rubric
 from rlhf.run.stage_keys import stage_keys
+from rlhf.stages.ppo import ConsoleAndTracker
 from rlhf.tracking import console
 from rlhf.tracking.wandb_run import StageTracker
-from tests.helpers import WORDS, ToyEnv, tiny_llama
+from tests.helpers import WORDS, ToyEnv, ppo_config, tiny_llama
 
-CFG = PPOConfig(
-    reward_source="env",
+CFG = ppo_config(
     total_episodes=80,  # 5 updates
     batch_size=16,
     num_mini_batches=2,
     num_ppo_epochs=1,
     response_length=5,
-    save_every=0,
-    samples_every=0,
     advantage="rloo",  # no critic: the fastest real PPO update
     num_generations=4,
 )
@@ -61,7 +58,7 @@ def train(tmp_path, cfg=CFG, tracker=None):
         output_dir=tmp_path,
         ref_policy=tiny_llama(tokenizer),
         seed=0,
-        tracker=tracker,
+        callback=ConsoleAndTracker(cfg, tracker),
         rubric=rubric,
     )
     trainer.train()

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from rlhf.ppo.decoder import HFDecoder, LlamaDecoder, make_decoder
 from rlhf.ppo.sampler import KVSampler, draw_categorical
-from tests.helpers import tiny_llama
+from tests.helpers import tiny_llama, tiny_llama_config
 from tests.numerics import kernel_tolerance
 
 pytestmark = pytest.mark.numerics  # engines against the model's forward: other kernels, so run under AVX2 too
@@ -22,16 +22,7 @@ pytestmark = pytest.mark.numerics  # engines against the model's forward: other 
 def gqa_llama(vocab: int) -> LlamaForCausalLM:
     """Grouped-query attention (2 key/value heads for 4 query heads), untied head, as SmolLM2 has GQA."""
     torch.manual_seed(1)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_llama_config(vocab_size=vocab, kv_heads=2, intermediate_size=48, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).eval()
 
 

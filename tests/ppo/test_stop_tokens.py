@@ -13,14 +13,22 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from rlhf.config import PPOConfig
 from rlhf.models.chat_format import ChatFormat
 from rlhf.models.tokenizer import stop_token_ids
-from rlhf.ppo.rollout import rollout, sequence_logprobs
+from rlhf.ppo.rollout import sequence_logprobs
 from rlhf.ppo.sampler import KVSampler
 from rlhf.ppo.trainer import PPOTrainer
 from rlhf.stages.evaluate import evaluate_policy
-from tests.chat_styles import STYLES, TwoTurnEnv, chat_model, chat_tokenizer, forcing_head, stop_ids
+from tests.chat_styles import (
+    STYLES,
+    TwoTurnEnv,
+    chat_model,
+    chat_tokenizer,
+    forcing_head,
+    stop_ids,
+    two_turn_rollout,
+)
+from tests.helpers import ppo_config
 
 CASES = [(style, k) for style in STYLES for k in range(len(STYLES[style]["stops"]))]
 """(style, index of the stop id the policy is made to draw)."""
@@ -108,14 +116,7 @@ def test_rollout_ends_turns_on_each_stop_id_and_closes_them_with_the_end_of_turn
     stops = stop_token_ids(tokenizer, "eos", model.generation_config)
     torch.manual_seed(1)
     n = 16
-    ro = rollout(
-        model,
-        tokenizer,
-        [TwoTurnEnv() for _ in range(n)],
-        list(range(n)),
-        response_length=4,
-        stop_token_ids=stops,
-    )
+    ro = two_turn_rollout(model, tokenizer, n, 4, stops)
     assert ro.num_turns.eq(2).all()
     # the cache held exactly the episode's tokens: the sampler's log-probabilities are those of one fresh forward
     fresh = sequence_logprobs(model, ro.query_responses, ro.attention_mask, ro.context_length)
@@ -143,16 +144,13 @@ def test_rollout_ends_turns_on_each_stop_id_and_closes_them_with_the_end_of_turn
 def test_the_trainer_stops_on_the_generation_config_ids_and_penalises_only_turns_without_one(chat, tmp_path):
     tokenizer, model, a, stop = forced(chat, "qwen2.5", 1, stop_bias=-0.5)  # <|endoftext|>, never <|im_end|>
     assert stop != tokenizer.eos_token_id
-    cfg = PPOConfig(
-        reward_source="env",
+    cfg = ppo_config(
         advantage="rloo",
         num_generations=2,
         batch_size=8,
         total_episodes=8,
         response_length=4,
         missing_eos_penalty=1.0,
-        save_every=0,
-        samples_every=0,
     )
     trainer = PPOTrainer(
         cfg, model, tokenizer, TwoTurnEnv, output_dir=tmp_path, ref_policy=copy.deepcopy(model), seed=0

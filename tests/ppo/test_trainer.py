@@ -17,17 +17,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForSequenceClassification
 
-from rlhf.config import PPOConfig
 from rlhf.ppo.advantages import group_advantages
 from rlhf.ppo.callbacks import Callback
 from rlhf.ppo.checkpoint import CheckpointError, latest_checkpoint, read_resume_run_id
+from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.rollout import EnvFailure
 from rlhf.ppo.seeds import train_episode_seed
 from rlhf.ppo.trainer import PPOTrainer
-from tests.helpers import BrokenEnv, DialogueEnv, NanEnv, ToyEnv, free_port, tiny_llama
+from tests.helpers import BrokenEnv, DialogueEnv, NanEnv, ToyEnv, free_port, ppo_config, tiny_llama
 
-BASE = PPOConfig(
-    reward_source="env",
+BASE = ppo_config(
     total_episodes=64,
     batch_size=16,
     num_mini_batches=2,
@@ -35,8 +34,6 @@ BASE = PPOConfig(
     response_length=5,
     learning_rate=3e-3,
     kl_coef=0.05,
-    save_every=0,
-    samples_every=0,
 )
 TIMING = ("eps", "time/rollout", "time/score", "time/update", "tokens_per_second")
 
