@@ -31,6 +31,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from envs.base import id_of
 from rlhf.models.chat_format import ChatFormat
 from rlhf.ppo.ops import entropy_from_logits, fused_logprobs_entropy, logprobs_from_logits
 from rlhf.ppo.sampler import KVSampler
@@ -97,12 +98,6 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]
-
-
-def env_name(env: gymnasium.Env) -> str:
-    """The registered id (`rlhf/Review-v0`) or the class name of an environment made without gymnasium.make."""
-    spec = getattr(env, "spec", None)
-    return spec.id if spec is not None else type(env.unwrapped).__name__
 
 
 def left_pad(
@@ -241,11 +236,11 @@ def _check_reward(reward: Any, env: gymnasium.Env, seed: int, turn: int) -> floa
         value = float(reward)
     except (TypeError, ValueError):
         raise ValueError(
-            f"environment {env_name(env)} returned a non-numeric reward {reward!r} in episode seed={seed}, turn {turn}"
+            f"environment {id_of(env)} returned a non-numeric reward {reward!r} in episode seed={seed}, turn {turn}"
         ) from None
     if not math.isfinite(value):
         raise ValueError(
-            f"environment {env_name(env)} returned reward {value} in episode seed={seed}, turn {turn}: "
+            f"environment {id_of(env)} returned reward {value} in episode seed={seed}, turn {turn}: "
             "rewards must be finite; fix the environment (training stopped instead of learning from it)"
         )
     return value
@@ -256,11 +251,11 @@ def _reset(env: gymnasium.Env, seed: int) -> tuple[str, dict]:
         obs, info = env.reset(seed=seed)
     except Exception as e:
         raise EnvFailure(
-            f"environment {env_name(env)} raised in reset of episode seed={seed}: {type(e).__name__}: {e}"
+            f"environment {id_of(env)} raised in reset of episode seed={seed}: {type(e).__name__}: {e}"
         ) from e
     if not isinstance(obs, str):
         raise EnvFailure(
-            f"environment {env_name(env)} returned a {type(obs).__name__} observation (seed={seed}); expected str"
+            f"environment {id_of(env)} returned a {type(obs).__name__} observation (seed={seed}); expected str"
         )
     return obs, info
 
@@ -270,7 +265,7 @@ def _step(env: gymnasium.Env, reply: str, seed: int, turn: int):
         return env.step(reply)
     except Exception as e:
         raise EnvFailure(
-            f"environment {env_name(env)} raised in step of episode seed={seed}, turn {turn} "
+            f"environment {id_of(env)} raised in step of episode seed={seed}, turn {turn} "
             f"(reply {reply!r}): {type(e).__name__}: {e}"
         ) from e
 
@@ -362,7 +357,7 @@ def rollout(
             if not ep.done:
                 if not isinstance(obs, str):
                     raise EnvFailure(
-                        f"environment {env_name(ep.env)} returned a {type(obs).__name__} observation "
+                        f"environment {id_of(ep.env)} returned a {type(obs).__name__} observation "
                         f"(seed={ep.seed}, turn {turn}); expected str"
                     )
                 ep.unseen = fmt.env_turn_ids(obs, reply_ended=reply[-1] == fmt.end_of_turn_id)
