@@ -114,8 +114,7 @@ def train_side(side: str, model_dir: Path, setup: group_setup.GroupSetup, a: arg
         else:
             cfg = group_setup.ours_config(setup, "grpo")
         trainer = group_setup.build_ours(model_dir, setup, cfg, Path(out))
-        if cfg.critic_process:  # the worker's start (a fresh interpreter's imports) is setup
-            trainer.critic.worker.wait_ready()
+        trainer.critic.wait_ready()  # a critic worker's start (a fresh interpreter's imports) is setup
         goal_ = Goal(a.target, a.window, a.max_seconds)
         for _ in range(setup.updates):
             if goal_.add(trainer.train(max_updates=1)["env/gold"]):

@@ -86,6 +86,9 @@ class Critic:
         Every process calls it (under FSDP the state dict is gathered onto the main process)."""
         return {}
 
+    def wait_ready(self) -> None:
+        """Block until the critic can work (a worker process has started and answers); at once without one."""
+
     def close(self) -> None:
         pass
 
@@ -214,6 +217,9 @@ class ProcessCritic(LocalCritic):
 
     def resumed(self) -> None:
         self.worker.share_optimizer_state()
+
+    def wait_ready(self) -> None:
+        self.worker.wait_ready()
 
     def close(self) -> None:
         """Stop the worker (the models stay usable)."""

@@ -44,6 +44,7 @@ def run(tokenizer, path, cfg, critic_process: bool, max_updates=None, model_seed
         tokenizer, path, replace(cfg, critic_process=critic_process), model_seed=model_seed
     )
     try:
+        trainer.critic.wait_ready()  # both modes: a no-op in process, the worker answering with one
         trainer.train(max_updates=max_updates)
     finally:
         trainer.close()
