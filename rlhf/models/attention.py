@@ -1,8 +1,7 @@
 """Attention for low-precision training on CPU: transformers' SDPA attention, computed in float32 where it is trained.
 
-On CPU, torch's flash-attention kernel runs its backward ~2.3x slower in bfloat16 than in float32 (SmolLM2's shapes,
-16 x 96 tokens, 9 query / 3 key-value heads: 19.2 against 8.3 ms per layer for forward + backward, BENCHMARKS.md),
-while its bf16 forward alone is the faster one. Under mixed precision (`model.dtype=bfloat16`: autocast over float32
+On CPU, torch's flash-attention kernel runs its backward slower in bfloat16 than in float32, while its bf16 forward
+alone is the faster one (BENCHMARKS.md, "Attention with its mask"). Under mixed precision (`model.dtype=bfloat16`: autocast over float32
 weights) every trained forward pays that backward in each of the model's layers. `float32_cpu_sdpa` upcasts the
 query, key and value of such a forward and runs SDPA in float32 outside autocast, and returns the output in the
 dtype the layer's values had (what autocast's SDPA returns): the next projection sees what it would see, computed

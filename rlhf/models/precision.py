@@ -2,8 +2,8 @@
 
 bf16 mixed precision pays only where the hardware multiplies bf16 natively: a CUDA GPU with bf16 support, or a CPU
 with AMX or AVX512-BF16 whose instructions torch's kernels are allowed to use. On a CPU without them (AVX2 only, or
-AVX-512 without BF16) oneDNN emulates bf16 and a matmul runs many times slower than in float32 (BENCHMARKS.md:
-1.2 against 127 GFLOP/s on an AVX2 EPYC). The choice is made from the device's reported features, never by timing,
+AVX-512 without BF16) oneDNN emulates bf16 and a matmul runs many times slower than in float32 (BENCHMARKS.md,
+"Right on the user's machine"). The choice is made from the device's reported features, never by timing,
 so it is the same on every run of one machine.
 """
 

@@ -43,9 +43,9 @@ class Shared:
 
 
 def _to_wire(obj):
-    """Tensors as numpy arrays, pickled by value. Sent as tensors, torch.multiprocessing moves each into shared
-    memory, ~0.25 ms per tensor on each side: a round trip of 8 scalar stats took 4.3 ms, of 8 floats 0.07 ms,
-    and of the rollout's three (64, 40) tensors 1.0 against 0.06 ms. The rollout and the stats are a few KB."""
+    """Tensors as numpy arrays, pickled by value: sent as tensors, torch.multiprocessing would move each one into
+    shared memory, which costs far more than copying the few KB of a rollout or of the stats (BENCHMARKS.md,
+    "Numbers that were code comments")."""
     if isinstance(obj, torch.Tensor):  # numpy has no bfloat16: such a tensor goes the shared way
         return obj if obj.dtype == torch.bfloat16 else obj.detach().numpy()
     if isinstance(obj, dict):

@@ -33,8 +33,8 @@ def draw_categorical(probs: torch.Tensor) -> torch.Tensor:
     """One index per row of `probs` (n, V), drawn with probability proportional to the row (need not sum to 1).
 
     Inverse-CDF sampling: one uniform number per row located in the row's cumulative sum. The same distribution as
-    `torch.multinomial(probs, 1)`, which draws an exponential variate for every one of the V entries: on a
-    49,152-token vocabulary that was ~14 ms of a ~110 ms SmolLM2 decode step on CPU, this is ~0.6 ms.
+    `torch.multinomial(probs, 1)`, which draws an exponential variate for every one of the V entries: a large share
+    of a decode step on a real model's vocabulary (BENCHMARKS.md, "Numbers that were code comments").
     """
     cdf = probs.float().cumsum(dim=-1)  # (n, V)
     total = cdf[:, -1:]
