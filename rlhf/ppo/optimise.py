@@ -51,14 +51,12 @@ class Optimiser:
         critic: Critic,
         p,
     ) -> None:
-        self.acc, self.policy, self.optimizer, self.head, self.critic, self.p = (
-            acc,
-            policy,
-            optimizer,
-            head,
-            critic,
-            p,
-        )
+        self.acc = acc
+        self.policy = policy
+        self.optimizer = optimizer
+        self.head = head
+        self.critic = critic
+        self.p = p
 
     def optimise(self, batch: Batch, kl_coef: float, update: int) -> dict[str, list[torch.Tensor]]:
         """Every epoch's shuffled minibatches, stopping early above target_kl; each stat's values, one per step.
